@@ -1,0 +1,3 @@
+from fusekit.cli import main
+
+main()

@@ -1,0 +1,51 @@
+"""What a tensor name says about its place in a transformer: layer index and module role.
+
+Decoder checkpoints name their blocks ``<prefix>.<index>.<rest>`` with a prefix such as
+``model.layers``, ``transformer.h`` or ``gpt_neox.layers``. Tensors outside the blocks are "pre"
+(embeddings, read before the first block) or "post" (final norm, LM head).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+Role = Literal["pre", "layer", "post"]
+
+_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer|decoder\.layers))\."
+                    r"(?P<index>\d+)\.(?P<rest>.+)$")
+_PRE_MARKERS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings")
+_LM_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
+# Config keys that hold the number of blocks, by model family.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def layer_index(name: str) -> int | None:
+    """The block index in ``name``, or None for tensors outside the blocks."""
+    match = _LAYER.match(name)
+    return int(match.group("index")) if match else None
+
+
+def with_layer_index(name: str, index: int) -> str:
+    """``name`` renumbered to block ``index`` (for stacking layers from several models)."""
+    match = _LAYER.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a per-layer tensor")
+    return f"{match.group('prefix')}.{index}.{match.group('rest')}"
+
+
+def role(name: str) -> Role:
+    """``"layer"`` inside a block, ``"pre"`` for embeddings, ``"post"`` for the rest."""
+    if layer_index(name) is not None:
+        return "layer"
+    return "pre" if any(marker in name for marker in _PRE_MARKERS) else "post"
+
+
+def is_lm_head(name: str) -> bool:
+    """True for the output projection that tied checkpoints share with the input embedding."""
+    return name in _LM_HEADS or name.endswith(".lm_head.weight")
+
+
+def is_embedding(name: str) -> bool:
+    """True for the input token embedding matrix."""
+    return role(name) == "pre" and name.endswith("weight") and "position" not in name and "wpe" not in name

@@ -1,0 +1,557 @@
+"""Build small, fully local Llama-architecture checkpoints for demos, tests and benchmarks.
+
+The first name is a randomly initialised "base" model; every further name is a "fine-tune" of it:
+the base plus a seeded low-rank-plus-noise delta on every matrix and a small change to every norm,
+so the variants differ from the base and from each other, with sign conflicts between them.
+
+Only torch and the standard library are used, so this runs on the plain install. The checkpoint
+layout (config.json, safetensors shards and index, tokenizer files) is the one transformers reads.
+Weights are generated in blocks of rows and streamed straight into the safetensors files, so peak
+memory stays at a few tens of MB above torch's own, even for billion-parameter models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS: tuple[str, ...] = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+UNK_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID = range(len(SPECIAL_TOKENS))
+TOKENIZER_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+"""Natural vocabulary size of the built-in byte-level tokenizer: 4 specials + 256 byte tokens."""
+
+MAX_POSITION_EMBEDDINGS = 256
+RMS_NORM_EPS = 1e-6
+ROPE_THETA = 10000.0
+
+_INIT_STD = 0.02
+_DELTA_RANK = 8
+_LOW_RANK_STD = 0.12 * _INIT_STD  # the delta's low-rank part, ~12% of the base's std
+_NOISE_STD = 0.06 * _INIT_STD  # its dense noise part, ~6%: ~13% in all
+_NORM_DELTA_STD = 0.03
+_BLOCK_ELEMENTS = 1 << 22  # rows are generated and written this many elements at a time
+
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+}
+_CONFIG_DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+
+
+@dataclass(frozen=True)
+class _DemoConfig:
+    """Sizes of a demo Llama model.
+
+    Attributes:
+        hidden_size: Width of the residual stream.
+        num_layers: Number of decoder layers.
+        intermediate_size: Width of the SwiGLU MLP.
+        num_attention_heads: Number of query heads.
+        num_key_value_heads: Number of key/value heads (grouped-query attention).
+        vocab_size: Rows of the embedding and LM head.
+        tie_word_embeddings: Whether the LM head reuses the embedding (no lm_head tensor).
+    """
+
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    """Name and shape of one checkpoint tensor; 1-D tensors are RMSNorm weights."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def build_demo_models(
+    out_dir: Path,
+    *,
+    names: Sequence[str] = ("base", "math", "code"),
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    intermediate_size: int | None = None,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    vocab_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    tie_word_embeddings: bool = False,
+    max_shard_bytes: int | None = None,
+    with_tokenizer: bool = True,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write a base model and its fine-tuned variants as Hugging Face Llama checkpoints.
+
+    Args:
+        out_dir: Parent folder; one sub-folder per name is created (or refreshed) in it.
+        names: Model names; ``names[0]`` is the base, the others are fine-tunes of it.
+        hidden_size: Width of the residual stream.
+        num_layers: Number of decoder layers.
+        intermediate_size: MLP width; by default 8/3 of ``hidden_size`` rounded up to 32.
+        num_attention_heads: Number of query heads; must divide ``hidden_size``.
+        num_key_value_heads: Number of key/value heads; must divide ``num_attention_heads``.
+        vocab_size: Embedding rows; by default :data:`TOKENIZER_VOCAB_SIZE`.
+        dtype: Stored dtype: float32, bfloat16 or float16.
+        tie_word_embeddings: Reuse the embedding as LM head and store no ``lm_head.weight``.
+        max_shard_bytes: Split the weights into shards of at most this size (a single larger
+            tensor gets a shard of its own) when the model is larger; ``None`` never shards.
+        with_tokenizer: Also write the built-in byte-level tokenizer.
+        seed: Seed of every random draw; the same arguments always give the same bytes.
+
+    Returns:
+        Model name -> its folder, in the order of ``names``.
+
+    Raises:
+        ValueError: If a size, name or dtype is invalid, or ``vocab_size`` is smaller than the
+            tokenizer's vocabulary while ``with_tokenizer`` is set.
+    """
+    config = _DemoConfig(
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        intermediate_size=(
+            _default_intermediate_size(hidden_size)
+            if intermediate_size is None
+            else intermediate_size
+        ),
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        vocab_size=TOKENIZER_VOCAB_SIZE if vocab_size is None else vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    _validate(config, names, dtype, max_shard_bytes, with_tokenizer)
+    folders = {name: Path(out_dir) / name for name in names}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_stale_weights(folder)
+        _write_json(folder / "config.json", _model_config(config, dtype))
+        _write_json(folder / "generation_config.json", _generation_config())
+        if with_tokenizer:
+            _write_tokenizer(folder)
+    _write_weights(list(folders.values()), list(names), config, dtype, max_shard_bytes, seed)
+    return folders
+
+
+def _default_intermediate_size(hidden_size: int) -> int:
+    return -(-8 * hidden_size // (3 * 32)) * 32
+
+
+def _validate(
+    config: _DemoConfig,
+    names: Sequence[str],
+    dtype: torch.dtype,
+    max_shard_bytes: int | None,
+    with_tokenizer: bool,
+) -> None:
+    """Raise ValueError on arguments that would give a broken or unloadable checkpoint."""
+    sizes = {
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_layers,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+    }
+    for key, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size {config.hidden_size} is not divisible by "
+            f"num_attention_heads {config.num_attention_heads}"
+        )
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(
+            f"num_attention_heads {config.num_attention_heads} is not divisible by "
+            f"num_key_value_heads {config.num_key_value_heads}"
+        )
+    _validate_vocab(config.vocab_size, with_tokenizer)
+    _validate_names(names)
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype must be one of {list(_CONFIG_DTYPES.values())}, got {dtype}")
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+
+
+def _validate_vocab(vocab_size: int, with_tokenizer: bool) -> None:
+    if vocab_size < len(SPECIAL_TOKENS):
+        # the config names bos/eos/pad ids, which must be valid rows of the embedding
+        raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    if with_tokenizer and vocab_size < TOKENIZER_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than the built-in tokenizer's vocabulary "
+            f"({TOKENIZER_VOCAB_SIZE}); raise it or pass with_tokenizer=False"
+        )
+
+
+def _validate_names(names: Sequence[str]) -> None:
+    if isinstance(names, str) or not names:
+        raise ValueError("names must be a non-empty sequence of model names")
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, got {list(names)}")
+    for name in names:
+        if not name or name in {".", ".."} or "/" in name or "\\" in name:
+            raise ValueError(f"model name {name!r} is not a plain folder name")
+
+
+def _remove_stale_weights(folder: Path) -> None:
+    """Delete weight files of an earlier build, which could shadow or mix with the new ones."""
+    stale = [*folder.glob("model-*-of-*.safetensors"), folder / "model.safetensors.index.json"]
+    stale.append(folder / "model.safetensors")
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+# --- config files -------------------------------------------------------------------------------
+
+
+def _model_config(config: _DemoConfig, dtype: torch.dtype) -> dict[str, object]:
+    """The config.json transformers 5 writes for a LlamaForCausalLM of these sizes."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": BOS_TOKEN_ID,
+        "eos_token_id": EOS_TOKEN_ID,
+        "pad_token_id": PAD_TOKEN_ID,
+        "dtype": _CONFIG_DTYPES[dtype],
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": config.hidden_size,
+        "initializer_range": _INIT_STD,
+        "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": MAX_POSITION_EMBEDDINGS,
+        "mlp_bias": False,
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+        "pretraining_tp": 1,
+        "rms_norm_eps": RMS_NORM_EPS,
+        "rope_parameters": {"rope_theta": ROPE_THETA, "rope_type": "default"},
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "use_cache": True,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def _generation_config() -> dict[str, object]:
+    return {
+        "bos_token_id": BOS_TOKEN_ID,
+        "eos_token_id": EOS_TOKEN_ID,
+        "pad_token_id": PAD_TOKEN_ID,
+    }
+
+
+def _write_json(path: Path, payload: object) -> None:
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in for each byte used by byte-level BPE, indexed by byte value.
+
+    Bytes that are visible, non-space Latin-1 characters stand for themselves; the others
+    (controls, space, soft hyphen...) are mapped in order to the code points from U+0100 on.
+    """
+    visible = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
+    symbols, spare = [], 0x100
+    for byte in range(256):
+        if byte in visible:
+            symbols.append(chr(byte))
+        else:
+            symbols.append(chr(spare))
+            spare += 1
+    return symbols
+
+
+def _tokenizer_json() -> dict[str, object]:
+    """A byte-level BPE without merges: token id = byte value + 4, with <s> prepended."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({symbol: len(SPECIAL_TOKENS) + b for b, symbol in enumerate(_byte_symbols())})
+    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    bos = {"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [_added_token(i, token) for i, token in enumerate(SPECIAL_TOKENS)],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **byte_level},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [bos, _sequence("A")],
+            "pair": [bos, _sequence("A"), bos, _sequence("B")],
+            "special_tokens": {
+                BOS_TOKEN: {"id": BOS_TOKEN, "ids": [BOS_TOKEN_ID], "tokens": [BOS_TOKEN]}
+            },
+        },
+        "decoder": {"type": "ByteLevel", **byte_level},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": UNK_TOKEN,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [],
+        },
+    }
+
+
+def _added_token(token_id: int, content: str) -> dict[str, object]:
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
+
+
+def _sequence(sequence_id: str) -> dict[str, object]:
+    return {"Sequence": {"id": sequence_id, "type_id": 0}}
+
+
+def _write_tokenizer(folder: Path) -> None:
+    specials = {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": UNK_TOKEN,
+        "pad_token": PAD_TOKEN,
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "model_max_length": MAX_POSITION_EMBEDDINGS,
+        "clean_up_tokenization_spaces": False,
+    }
+    _write_json(folder / "tokenizer.json", _tokenizer_json())
+    _write_json(folder / "tokenizer_config.json", tokenizer_config)
+    _write_json(folder / "special_tokens_map.json", specials)
+
+
+# --- tensor layout ------------------------------------------------------------------------------
+
+
+def _tensor_specs(config: _DemoConfig) -> list[_TensorSpec]:
+    """Every tensor of LlamaForCausalLM's state dict, in module order."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_rows = config.num_attention_heads * config.head_dim
+    kv_rows = config.num_key_value_heads * config.head_dim
+    specs = [_TensorSpec("model.embed_tokens.weight", (config.vocab_size, hidden))]
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}"
+        specs += [
+            _TensorSpec(f"{prefix}.input_layernorm.weight", (hidden,)),
+            _TensorSpec(f"{prefix}.self_attn.q_proj.weight", (q_rows, hidden)),
+            _TensorSpec(f"{prefix}.self_attn.k_proj.weight", (kv_rows, hidden)),
+            _TensorSpec(f"{prefix}.self_attn.v_proj.weight", (kv_rows, hidden)),
+            _TensorSpec(f"{prefix}.self_attn.o_proj.weight", (hidden, q_rows)),
+            _TensorSpec(f"{prefix}.post_attention_layernorm.weight", (hidden,)),
+            _TensorSpec(f"{prefix}.mlp.gate_proj.weight", (inter, hidden)),
+            _TensorSpec(f"{prefix}.mlp.up_proj.weight", (inter, hidden)),
+            _TensorSpec(f"{prefix}.mlp.down_proj.weight", (hidden, inter)),
+        ]
+    specs.append(_TensorSpec("model.norm.weight", (hidden,)))
+    if not config.tie_word_embeddings:
+        specs.append(_TensorSpec("lm_head.weight", (config.vocab_size, hidden)))
+    return specs
+
+
+def _plan_shards(
+    specs: list[_TensorSpec], itemsize: int, max_shard_bytes: int | None
+) -> list[list[_TensorSpec]]:
+    """Group tensors greedily, in order, into shards of at most ``max_shard_bytes``."""
+    shards: list[list[_TensorSpec]] = [[]]
+    used = 0
+    for spec in specs:
+        size = spec.numel * itemsize
+        if max_shard_bytes is not None and shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(spec)
+        used += size
+    return shards
+
+
+def _shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+# --- weight generation --------------------------------------------------------------------------
+
+
+def _generator(seed: int, *parts: str) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and a path of names, stable across processes."""
+    digest = hashlib.sha256("/".join([str(seed), *parts]).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _row_blocks(spec: _TensorSpec) -> Iterator[tuple[int, int]]:
+    rows, cols = spec.shape
+    step = max(1, _BLOCK_ELEMENTS // cols)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _norm_weights(spec: _TensorSpec, variants: Sequence[str], seed: int) -> list[torch.Tensor]:
+    """Ones for the base, ones plus a small seeded perturbation for each fine-tune."""
+    tensors = [torch.ones(spec.shape)]
+    for variant in variants:
+        noise = torch.randn(spec.shape, generator=_generator(seed, "delta", variant, spec.name))
+        tensors.append(noise.mul_(_NORM_DELTA_STD).add_(1.0))
+    return tensors
+
+
+def _matrix_blocks(
+    spec: _TensorSpec, variants: Sequence[str], seed: int
+) -> Iterator[list[torch.Tensor]]:
+    """Yield, one block of rows at a time, the base matrix and each fine-tune of it.
+
+    A fine-tune's delta is ``A @ B`` of rank 8 plus dense noise, drawn from its own generator;
+    the low-rank factors are drawn whole up front (they are small), the noise block by block.
+    """
+    rows, cols = spec.shape
+    rank = min(_DELTA_RANK, rows, cols)
+    base_gen = _generator(seed, "base", spec.name)
+    deltas = []
+    for variant in variants:
+        gen = _generator(seed, "delta", variant, spec.name)
+        left = torch.randn(rows, rank, generator=gen)
+        right = torch.randn(rank, cols, generator=gen).mul_(_LOW_RANK_STD / math.sqrt(rank))
+        deltas.append((gen, left, right))
+    for start, stop in _row_blocks(spec):
+        base = torch.randn(stop - start, cols, generator=base_gen).mul_(_INIT_STD)
+        block = [base]
+        for gen, left, right in deltas:
+            tuned = torch.addmm(base, left[start:stop], right)
+            noise = torch.randn(stop - start, cols, generator=gen)
+            block.append(tuned.add_(noise, alpha=_NOISE_STD))
+        yield block
+
+
+def _tensor_blocks(
+    spec: _TensorSpec, variants: Sequence[str], seed: int
+) -> Iterator[list[torch.Tensor]]:
+    """Blocks of one tensor for every model, base first; 1-D norms come as a single block."""
+    if len(spec.shape) == 1:
+        yield _norm_weights(spec, variants, seed)
+    else:
+        yield from _matrix_blocks(spec, variants, seed)
+
+
+# --- safetensors writing ------------------------------------------------------------------------
+
+
+def _safetensors_header(specs: list[_TensorSpec], dtype: torch.dtype) -> bytes:
+    """Length-prefixed JSON header for tensors laid out back to back in ``specs`` order."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        end = offset + spec.numel * itemsize
+        header[spec.name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to an 8-byte boundary
+    return len(text).to_bytes(8, "little") + text
+
+
+def _write_tensor(handle: BinaryIO, tensor: torch.Tensor) -> None:
+    """Write a CPU tensor's raw bytes without copying them into a Python bytes object."""
+    tensor = tensor.contiguous()
+    size = tensor.numel() * tensor.element_size()
+    handle.write((ctypes.c_ubyte * size).from_address(tensor.data_ptr()))
+
+
+def _write_shard(
+    paths: list[Path],
+    specs: list[_TensorSpec],
+    variants: Sequence[str],
+    dtype: torch.dtype,
+    seed: int,
+) -> None:
+    """Write the same shard of every model at once, so each base block is drawn only once."""
+    header = _safetensors_header(specs, dtype)
+    with contextlib.ExitStack() as stack:
+        handles = [stack.enter_context(path.open("wb")) for path in paths]
+        for handle in handles:
+            handle.write(header)
+        for spec in specs:
+            for block in _tensor_blocks(spec, variants, seed):
+                for handle, tensor in zip(handles, block, strict=True):
+                    _write_tensor(handle, tensor.to(dtype))
+
+
+def _write_weights(
+    folders: list[Path],
+    names: list[str],
+    config: _DemoConfig,
+    dtype: torch.dtype,
+    max_shard_bytes: int | None,
+    seed: int,
+) -> None:
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors files are little-endian; this host is big-endian")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = _plan_shards(_tensor_specs(config), itemsize, max_shard_bytes)
+    file_names = _shard_file_names(len(shards))
+    for file_name, specs in zip(file_names, shards, strict=True):
+        paths = [folder / file_name for folder in folders]
+        _write_shard(paths, specs, names[1:], dtype, seed)
+    if len(shards) > 1:
+        index = _shard_index(shards, file_names, itemsize)
+        for folder in folders:
+            _write_json(folder / "model.safetensors.index.json", index)
+
+
+def _shard_index(
+    shards: list[list[_TensorSpec]], file_names: list[str], itemsize: int
+) -> dict[str, object]:
+    weight_map = {
+        spec.name: name for name, specs in zip(file_names, shards, strict=True) for spec in specs
+    }
+    total = sum(spec.numel * itemsize for specs in shards for spec in specs)
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

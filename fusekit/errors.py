@@ -1,0 +1,44 @@
+"""The one place fusekit's error classes live.
+
+Every user mistake raises a :class:`FusekitError` subclass whose message is one line: the rule that
+was broken, the offending value and where it came from, and what to do about it. The CLI prints that
+line and exits with :attr:`FusekitError.exit_code` (2); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FusekitError(Exception):
+    """Base class for errors caused by user input; printed as one line, exit status 2."""
+
+    exit_code = 2
+
+
+class RecipeError(FusekitError, ValueError):
+    """The recipe is malformed, has unknown keys, or holds values a method cannot take."""
+
+
+class CheckpointNotFoundError(FusekitError, FileNotFoundError):
+    """A model reference points at nothing usable (no folder, no file, not in the Hub cache)."""
+
+
+class CheckpointError(FusekitError, ValueError):
+    """A checkpoint file exists but cannot be trusted (truncated, corrupt header, pickle refused)."""
+
+
+class TensorMismatchError(FusekitError, ValueError):
+    """Input tensors cannot be merged: one is missing, or their shapes or layer counts disagree."""
+
+
+class OutputExistsError(FusekitError, FileExistsError):
+    """The output folder already holds files and ``--overwrite`` was not given."""
+
+
+class OutputWriteError(FusekitError, OSError):
+    """Writing the output failed for a reason the user can fix (disk full, permissions)."""
+
+
+class InterruptedMergeError(FusekitError):
+    """The run was stopped by a signal; the partial output has been removed."""
+
+    exit_code = 130

@@ -1,0 +1,47 @@
+"""The model card (README.md) of a merged model: Hub metadata plus what was merged and how."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from fusekit import __version__
+from fusekit.io.refs import split_revision
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id(ref: str) -> str | None:
+    """The Hub repository id of a reference, or None for a local path."""
+    repo, _ = split_revision(ref)
+    if ref.startswith((".", "/", "~")) or Path(ref).exists() or not _HUB_ID.match(repo):
+        return None
+    return repo
+
+
+def model_card(*, name: str, method: str, models: list[str], base: str | None, recipe_text: str,
+               extra_metadata: dict[str, object] | None = None) -> str:
+    """README.md text: YAML front matter, a summary, the inputs and the recipe."""
+    hub_models = list(dict.fromkeys(h for h in map(hub_id, models) if h))
+    metadata: dict[str, object] = {
+        "base_model": hub_models,
+        "library_name": "transformers",
+        "tags": ["merge", "fusekit"],
+        "merge_method": method,
+        **(extra_metadata or {}),
+    }
+    front = yaml.safe_dump(metadata, sort_keys=False).strip()
+    base_text = f" with `{base}` as the base" if base else ""
+    lines = [
+        "---", front, "---", "", f"# {name}", "",
+        f"This model was made by merging pre-trained language models with fusekit {__version__}, "
+        f"using the `{method}` method{base_text}.", "",
+        "## Models merged", "",
+        *[f"- `{ref}`{' (base)' if ref == base else ''}" for ref in models], "",
+        "## Recipe", "",
+        "The recipe below reproduces this model with `fusekit merge recipe.yaml OUT_DIR`.", "",
+        "```yaml", recipe_text.strip(), "```", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Lazy, validated access to a checkpoint's tensors, one at a time.
+
+Headers are parsed and checked by fusekit before any data is read, so a truncated file or a lying
+header is a one-line error rather than a crash or a huge allocation, and ``fusekit plan`` can list
+every tensor's name, shape and dtype without reading tensor data. Tensor bytes are read with
+``pread`` straight into a fresh tensor: no file is memory-mapped, so resident memory holds only the
+tensors in use, however large the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusekit.errors import CheckpointError, TensorMismatchError
+from fusekit.io.layout import SAFETENSORS_DTYPES, tensor_bytes
+from fusekit.io.refs import ResolvedModel
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, known from headers alone."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int = 0  # absolute byte offset of the data in ``file``
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: every offset inside the file, sizes consistent."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); "
+                                      "download or copy it again")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or header_len + 8 > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims "
+                                      f"{header_len} bytes in a {size}-byte file); download it again")
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); "
+                              "download it again") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - header_len
+    infos = {name: _tensor_info(path, name, entry, data_len, 8 + header_len)
+             for name, entry in header.items()}
+    return infos, metadata if isinstance(metadata, dict) else {}
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_len: int, data_start: int) -> TensorInfo:
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor '{name}' {why}; the file is corrupt or truncated")
+
+    if not isinstance(entry, dict):
+        raise corrupt("has no header entry")
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise corrupt(f"has unsupported dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise corrupt(f"has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets)):
+        raise corrupt(f"has invalid data offsets {offsets!r}")
+    begin, end = offsets
+    if end < begin or end - begin != math.prod(shape) * dtype.itemsize:
+        raise corrupt(f"claims {end - begin} bytes for shape {shape} of {entry['dtype']}")
+    if end > data_len:
+        raise corrupt(f"ends at byte {end} but the file holds {data_len} data bytes")
+    return TensorInfo(name, tuple(shape), dtype, path, data_start + begin)
+
+
+class CheckpointReader:
+    """Name → tensor access over one resolved model; files are opened (mmap) on first use."""
+
+    def __init__(self, model: ResolvedModel) -> None:
+        self.model = model
+        self._infos: dict[str, TensorInfo] | None = None
+        self._fds: dict[Path, int] = {}
+        self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+
+    @property
+    def infos(self) -> dict[str, TensorInfo]:
+        """Every tensor's info, read from headers (or from the pickle, when allowed)."""
+        if self._infos is None:
+            self._infos = self._pickle_infos() if self.model.is_pickle else self._header_infos()
+        return self._infos
+
+    def _header_infos(self) -> dict[str, TensorInfo]:
+        infos: dict[str, TensorInfo] = {}
+        for file in self.model.weight_files:
+            infos.update(read_safetensors_header(file)[0])
+        index = self.model.index
+        if index is not None:
+            missing = [n for n, f in index.items() if n not in infos or infos[n].file != f]
+            if missing:
+                raise CheckpointError(
+                    f"model '{self.model.ref}': tensor '{missing[0]}' is listed in the index but "
+                    f"not found in {index[missing[0]].name}; the checkpoint is incomplete")
+        return infos
+
+    def _pickle_infos(self) -> dict[str, TensorInfo]:
+        infos = {}
+        for file in self.model.weight_files:
+            for name, tensor in self._load_pickle(file).items():
+                infos[name] = TensorInfo(name, tuple(tensor.shape), tensor.dtype, file)
+        return infos
+
+    def _load_pickle(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._pickles:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for bad pickles
+                raise CheckpointError(f"{file}: cannot load as a weights-only pickle ({exc})") from None
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a state dict")
+            self._pickles[file] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return self._pickles[file]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def names(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise TensorMismatchError(
+                f"tensor '{name}' is missing from model '{self.model.ref}'; the models do not "
+                "share an architecture (check the model paths)") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory (CPU)."""
+        info = self.info(name)
+        if self.model.is_pickle:
+            return self._load_pickle(info.file)[name]
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+        view, done = tensor_bytes(tensor), 0
+        while done < len(view):
+            count = os.preadv(fd, [view[done:]], info.offset + done)
+            if count == 0:
+                raise CheckpointError(f"{info.file}: ends inside tensor '{name}'; the file was "
+                                      "truncated after it was opened")
+            done += count
+        return tensor
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._pickles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

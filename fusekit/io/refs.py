@@ -1,0 +1,169 @@
+"""Model references: what a recipe's ``model:`` string points at, resolved to local files.
+
+A reference is a local folder of safetensors (one file or shards with an index), a single
+``.safetensors`` file, or a Hub id ``org/name`` / ``org/name@revision`` found through
+huggingface_hub's cache (downloaded when online; ``HF_HUB_OFFLINE=1`` uses the cache alone).
+Pickle checkpoints (``.bin``, ``.pt``) are refused unless explicitly allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusekit.errors import CheckpointError, CheckpointNotFoundError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Everything a merge needs from a Hub repo: weights, configs, tokenizer files.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference resolved to files on disk.
+
+    Attributes:
+        ref: the reference as the recipe wrote it.
+        folder: the folder holding config.json and tokenizer files (may lack them).
+        weight_files: safetensors (or, when allowed, pickle) files holding the tensors.
+        index: tensor name → file, from an index json, when the checkpoint has one.
+        hub_id / revision: set for Hub references; revision is the resolved commit.
+    """
+
+    ref: str
+    folder: Path
+    weight_files: tuple[Path, ...]
+    index: dict[str, Path] | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def is_pickle(self) -> bool:
+        return any(f.suffix in PICKLE_SUFFIXES for f in self.weight_files)
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "config.json"
+
+
+def split_revision(ref: str) -> tuple[str, str | None]:
+    """``"org/name@rev"`` → ``("org/name", "rev")``; no ``@`` → revision None."""
+    name, sep, revision = ref.rpartition("@")
+    if sep and name and revision and "/" not in revision:
+        return name, revision
+    return ref, None
+
+
+def resolve_model(ref: str, *, allow_pickle: bool = False) -> ResolvedModel:
+    """Find the files behind ``ref``; raise a one-line error naming it when there are none."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _resolve_local(ref, path, allow_pickle=allow_pickle)
+    repo_id, revision = split_revision(ref)
+    if _HUB_ID.match(repo_id) and not ref.startswith((".", "/", "~")):
+        folder, commit = _download(repo_id, revision)
+        resolved = _resolve_local(ref, folder, allow_pickle=allow_pickle)
+        return ResolvedModel(ref, resolved.folder, resolved.weight_files, resolved.index,
+                             hub_id=repo_id, revision=commit)
+    raise CheckpointNotFoundError(
+        f"model '{ref}': no such folder or file; check the path (relative paths are taken from "
+        f"the current folder, {Path.cwd()})")
+
+
+def _resolve_local(ref: str, path: Path, *, allow_pickle: bool) -> ResolvedModel:
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return ResolvedModel(ref, path.parent, (path,))
+        if path.suffix in PICKLE_SUFFIXES:
+            _refuse_pickle(ref, allow_pickle)
+            return ResolvedModel(ref, path.parent, (path,))
+        raise CheckpointError(f"model '{ref}': {path.name} is not a .safetensors file or a folder")
+    for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        if (path / index_name).is_file():
+            if index_name == PICKLE_INDEX:
+                _refuse_pickle(ref, allow_pickle)
+            index = read_index(ref, path, path / index_name)
+            files = tuple(dict.fromkeys(index.values()))
+            return ResolvedModel(ref, path, files, index)
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        return ResolvedModel(ref, path, tuple(safetensors))
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        _refuse_pickle(ref, allow_pickle)
+        return ResolvedModel(ref, path, tuple(pickles))
+    raise CheckpointNotFoundError(f"model '{ref}': folder {path} holds no .safetensors weights")
+
+
+def _refuse_pickle(ref: str, allow_pickle: bool) -> None:
+    if not allow_pickle:
+        raise CheckpointError(
+            f"model '{ref}': pickle checkpoints (.bin/.pt) can run code when loaded and are refused; "
+            "convert it to safetensors, or pass --allow-pickle if you trust its source")
+
+
+def read_index(ref: str, folder: Path, index_path: Path) -> dict[str, Path]:
+    """Tensor name → shard file from an index json; shards must stay inside ``folder``."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"model '{ref}': {index_path} is not a valid index "
+                              "(expected JSON with a 'weight_map' object)") from None
+    root = folder.resolve()
+    files: dict[str, Path] = {}
+    shard_paths: dict[str, Path] = {}
+    for tensor, shard in weight_map.items():
+        if shard not in shard_paths:
+            shard_paths[shard] = _shard_path(ref, root, index_path, shard)
+        files[tensor] = shard_paths[shard]
+    return files
+
+
+def _shard_path(ref: str, root: Path, index_path: Path, shard: object) -> Path:
+    if not isinstance(shard, str) or not shard or Path(shard).is_absolute():
+        raise CheckpointError(f"model '{ref}': {index_path.name} names shard {shard!r}, which is "
+                              "not a file name inside the model folder")
+    target = (root / shard).resolve()
+    if not target.is_relative_to(root):
+        raise CheckpointError(f"model '{ref}': {index_path.name} points outside its folder "
+                              f"({shard!r}); refusing to read it")
+    if not target.is_file():
+        raise CheckpointNotFoundError(f"model '{ref}': shard {shard} listed in {index_path.name} "
+                                      "is missing; download the model again")
+    return target
+
+
+def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
+    """Fetch (or find in the cache) a Hub snapshot; return its folder and commit."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise CheckpointNotFoundError(
+            f"model '{where}' is not in the Hugging Face cache and the Hub cannot be reached "
+            "(offline); download it once online (huggingface-cli download) or use a local path"
+        ) from None
+    except GatedRepoError:
+        raise CheckpointNotFoundError(f"model '{where}' is gated; accept its terms on the Hub and "
+                                      "log in (HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise CheckpointNotFoundError(f"model '{where}': revision '{revision}' does not exist") from None
+    except RepositoryNotFoundError:
+        raise CheckpointNotFoundError(f"model '{where}': no such repository on the Hub (or it is "
+                                      "private and no token is set)") from None
+    return folder, folder.name

@@ -1,0 +1,116 @@
+"""The registry of merge methods: name → kernel plus its parameter models.
+
+A kernel is a pure function over tensors. It never sees recipes, files or shards: the planner resolves
+every parameter for every tensor and model, validates it through the method's pydantic models, and
+hands the kernel plain tensors and frozen parameter objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class Params(BaseModel):
+    """Base for parameter models: frozen, unknown names rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class NoParams(Params):
+    """For methods without parameters of that scope."""
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What a kernel receives for one output tensor.
+
+    Attributes:
+        tensors: the contributing models' tensors, in recipe order, already in compute dtype.
+        model_params: one validated per-model parameter object per entry of ``tensors``.
+        params: the validated method-wide parameters.
+        base: the base model's tensor for methods that use one, else None.
+        generator: seeded per (seed, tensor name) for stochastic methods, else None.
+    """
+
+    tensors: Sequence[torch.Tensor]
+    model_params: Sequence[BaseModel]
+    params: BaseModel
+    base: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+
+class Kernel(Protocol):
+    def __call__(self, inputs: MergeInputs) -> torch.Tensor: ...
+
+
+BaseUse = Literal["required", "optional", "unused"]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: the ``merge_method`` value in recipes.
+        kernel: the tensor function.
+        model_params: pydantic model of parameters given per input model.
+        method_params: pydantic model of parameters shared by all models.
+        base: whether the method needs ``base_model`` (it then gets the base separately and the
+            others as ``tensors``), can use one, or ignores it.
+        min_models / max_models: bounds on ``len(tensors)``.
+        summary: one line for the README and ``--help``.
+    """
+
+    name: str
+    kernel: Kernel
+    model_params: type[Params]
+    method_params: type[Params]
+    base: BaseUse
+    min_models: int
+    max_models: int | None
+    summary: str
+
+    def parameter_names(self) -> dict[str, str]:
+        """Every accepted parameter name (YAML spelling) → ``"model"`` or ``"method"``."""
+        names = {_yaml_name(n, f.alias): "model" for n, f in self.model_params.model_fields.items()}
+        names.update({_yaml_name(n, f.alias): "method"
+                      for n, f in self.method_params.model_fields.items()})
+        return names
+
+
+def _yaml_name(field_name: str, alias: str | None) -> str:
+    return alias or field_name
+
+
+_METHODS: dict[str, MergeMethod] = {}
+
+
+def register(name: str, *, model_params: type[Params] = NoParams,
+             method_params: type[Params] = NoParams, base: BaseUse = "unused",
+             min_models: int = 1, max_models: int | None = None,
+             summary: str) -> Callable[[Kernel], Kernel]:
+    """Decorator registering ``kernel`` under ``name``; a duplicate name is a bug and raises."""
+
+    def add(kernel: Kernel) -> Kernel:
+        if name in _METHODS:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        _METHODS[name] = MergeMethod(name, kernel, model_params, method_params, base,
+                                     min_models, max_models, summary)
+        return kernel
+
+    return add
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method called ``name``; KeyError when unknown (callers turn it into a user error)."""
+    return _METHODS[name]
+
+
+def method_names() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_METHODS)

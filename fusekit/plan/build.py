@@ -1,0 +1,328 @@
+"""Recipe → Plan, reading only headers and configs.
+
+A ``models:`` recipe is one implicit slice spanning every model's layers, with ``base_model``
+appended as the last source when it is not listed. Each slice is planned layer by layer: output
+layers are numbered consecutively across slices, source ``j`` reads its own layer
+``start_j + i``, and gradients see ``t = i / (n - 1)`` within the slice (1 for a one-layer slice).
+Embeddings come from the first slice's sources and the final norm and LM head from the last
+slice's, at ``t = 0``. This is mergekit's planning, so its recipes mean the same thing here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+
+from fusekit.arch import (
+    LAYER_COUNT_KEYS,
+    is_embedding,
+    is_lm_head,
+    layer_index,
+    role,
+    with_layer_index,
+)
+from fusekit.errors import CheckpointError, RecipeError, TensorMismatchError
+from fusekit.io.reader import CheckpointReader
+from fusekit.io.refs import ResolvedModel, resolve_model
+from fusekit.io.tokenizer import resolve_chat_template
+from fusekit.ops import MergeMethod, get_method
+from fusekit.plan.graph import Plan, TensorInput, TensorTask
+from fusekit.recipe.params import ParameterScope
+from fusekit.recipe.schema import MergeRecipe, ParameterValue
+
+log = logging.getLogger("fusekit")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class _Source:
+    model: str
+    start: int
+    end: int
+    parameters: dict[str, ParameterValue] | None
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: tuple[_Source, ...]
+    base: str | None
+    parameters: dict[str, ParameterValue] | None
+    where: str  # for messages: "models" or "slices[2]"
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].end - self.sources[0].start
+
+
+def read_config(model: ResolvedModel) -> dict[str, Any]:
+    """The model's config.json as a dict ({} when it has none)."""
+    path = model.config_path
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"model '{model.ref}': {path} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"model '{model.ref}': {path} is not a JSON object")
+    return config
+
+
+def count_layers(config: dict[str, Any], reader: CheckpointReader) -> int:
+    """Number of blocks, from the config or else from the tensor names."""
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    indices = [i for i in map(layer_index, reader.names()) if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+class PlanBuilder:
+    """Builds a :class:`Plan`; holds the readers so headers are parsed once per file."""
+
+    def __init__(self, recipe: MergeRecipe, *, recipe_text: str = "", allow_pickle: bool = False,
+                 models: dict[str, ResolvedModel] | None = None) -> None:
+        self.recipe = recipe
+        self.recipe_text = recipe_text
+        self.method: MergeMethod = get_method(recipe.merge_method)
+        refs = recipe.model_refs()
+        self.models = models or {ref: resolve_model(ref, allow_pickle=allow_pickle) for ref in refs}
+        self.readers = {ref: CheckpointReader(model) for ref, model in self.models.items()}
+        self.configs = {ref: read_config(model) for ref, model in self.models.items()}
+        self.donor = recipe.base_model or refs[0] if refs else ""
+        if recipe.base_model is None and recipe.models:
+            self.donor = recipe.models[0].model
+        elif recipe.base_model is None and recipe.slices:
+            self.donor = recipe.slices[0].sources[0].model
+        self.compute_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
+        self.out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
+        self.tie_output = bool(self.configs[self.donor].get("tie_word_embeddings", False))
+
+    # -- slices -------------------------------------------------------------------------------
+
+    def slices(self) -> list[_Slice]:
+        recipe = self.recipe
+        if recipe.slices is None:
+            return [self._implicit_slice()]
+        result = []
+        for i, out_slice in enumerate(recipe.slices):
+            sources = tuple(_Source(s.model, *s.layer_range, s.parameters) for s in out_slice.sources)
+            result.append(self._checked(_Slice(sources, out_slice.base_model or recipe.base_model,
+                                               out_slice.parameters, f"slices[{i}]")))
+        return result
+
+    def _implicit_slice(self) -> _Slice:
+        entries = [(m.model, m.parameters) for m in self.recipe.models or []]
+        base = self.recipe.base_model
+        if base is not None and base not in {ref for ref, _ in entries}:
+            entries.append((base, None))
+        counts = {ref: count_layers(self.configs[ref], self.readers[ref]) for ref, _ in entries}
+        if len(set(counts.values())) > 1:
+            listing = ", ".join(f"'{ref}' has {n}" for ref, n in counts.items())
+            raise TensorMismatchError(f"the models have different numbers of layers ({listing}); "
+                                      "use 'slices' with layer_range to choose layers")
+        sources = tuple(_Source(ref, 0, counts[ref], params) for ref, params in entries)
+        return self._checked(_Slice(sources, base, None, "models"))
+
+    def _checked(self, out_slice: _Slice) -> _Slice:
+        refs = [s.model for s in out_slice.sources]
+        duplicates = sorted({r for r in refs if refs.count(r) > 1})
+        if duplicates:
+            raise RecipeError(f"{out_slice.where}: model '{duplicates[0]}' appears twice in one merge; "
+                              "list each model once")
+        if self.method.base == "required" and out_slice.base not in refs:
+            raise RecipeError(f"{out_slice.where}: base model '{out_slice.base}' must be one of the "
+                              f"sources that {self.method.name} merges; add it to the sources")
+        for source in out_slice.sources:
+            available = count_layers(self.configs[source.model], self.readers[source.model])
+            if source.end > available:
+                raise TensorMismatchError(
+                    f"{out_slice.where}: layer_range [{source.start}, {source.end}] of model "
+                    f"'{source.model}' goes past its {available} layers")
+        return out_slice
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def build(self) -> Plan:
+        slices = self.slices()
+        tasks: list[TensorTask] = []
+        first, last = slices[0], slices[-1]
+        template = self.readers[first.sources[0].model]
+        pre = [n for n in template.names() if role(n) == "pre"]
+        tasks += [self._task(name, [(s, name) for s in first.sources], first, 0.0) for name in pre]
+        out_layer = 0
+        for out_slice in slices:
+            for i in range(out_slice.length):
+                t = i / (out_slice.length - 1) if out_slice.length > 1 else 1.0
+                tasks += self._layer_tasks(out_slice, i, out_layer, t)
+                out_layer += 1
+        tasks += self._post_tasks(last)
+        self._check_unique([task.output for task in tasks])
+        tokenizer_source = self._tokenizer_source()
+        return Plan(recipe=self.recipe, recipe_text=self.recipe_text, models=self.models,
+                    donor=self.donor, tasks=tuple(tasks),
+                    out_config=self._out_config(out_layer if self.recipe.slices else None),
+                    tokenizer_source=tokenizer_source,
+                    chat_template=resolve_chat_template(self.recipe.chat_template, tokenizer_source))
+
+    def _layer_tasks(self, out_slice: _Slice, i: int, out_layer: int, t: float) -> list[TensorTask]:
+        first = out_slice.sources[0]
+        reader = self.readers[first.model]
+        names = [n for n in reader.names() if layer_index(n) == first.start + i]
+        if not names:
+            raise TensorMismatchError(f"model '{first.model}' has no tensors for layer "
+                                      f"{first.start + i}; check layer_range")
+        tasks = []
+        for name in names:
+            inputs = [(s, with_layer_index(name, s.start + i)) for s in out_slice.sources]
+            tasks.append(self._task(with_layer_index(name, out_layer), inputs, out_slice, t))
+        return tasks
+
+    def _post_tasks(self, last: _Slice) -> list[TensorTask]:
+        template = self.readers[last.sources[0].model]
+        post = [n for n in template.names() if role(n) == "post" and not is_lm_head(n)]
+        tasks = [self._task(name, [(s, name) for s in last.sources], last, 0.0) for name in post]
+        if self.tie_output:
+            return tasks
+        heads = {n for s in last.sources for n in self.readers[s.model].names() if is_lm_head(n)}
+        for head in sorted(heads):
+            inputs = [(s, self._head_or_embedding(s.model, head)) for s in last.sources]
+            tasks.append(self._task(head, inputs, last, 0.0))
+        return tasks
+
+    def _head_or_embedding(self, model: str, head: str) -> str:
+        """A tied model has no LM head tensor; its input embedding plays that part."""
+        reader = self.readers[model]
+        if head in reader:
+            return head
+        embeddings = [n for n in reader.names() if is_embedding(n)]
+        if not embeddings:
+            raise TensorMismatchError(f"tensor '{head}' is missing from model '{model}' and it has "
+                                      "no tied input embedding to use instead")
+        return embeddings[0]
+
+    def _task(self, output: str, inputs: Sequence[tuple[_Source, str]], out_slice: _Slice,
+              t: float) -> TensorTask:
+        infos = [TensorInput(s.model, name, *self._shape_dtype(s.model, name)) for s, name in inputs]
+        self._check_shapes(output, infos)
+        scope = self._scope(out_slice)
+        base = None
+        contributing = list(zip([s for s, _ in inputs], infos, strict=True))
+        if self.method.base == "required":
+            base = next(info for s, info in contributing if s.model == out_slice.base)
+            contributing = [(s, info) for s, info in contributing if s.model != out_slice.base]
+        model_params = tuple(self._model_params(scope, s.model, info.name, t) for s, info in contributing)
+        params = self._resolve(self.method.method_params, scope, output, t, None, output)
+        native = _promote([i.dtype for i in infos])
+        compute = self.compute_dtype or native
+        out_dtype = self.out_dtype or compute
+        if not native.is_floating_point:  # integer buffers are copied as they are
+            compute = out_dtype = native
+        return TensorTask(output=output, method=self.method.name,
+                          inputs=tuple(info for _, info in contributing), model_params=model_params,
+                          params=params, base=base, shape=infos[0].shape, compute_dtype=compute,
+                          out_dtype=out_dtype, t=t)
+
+    def _shape_dtype(self, model: str, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        info = self.readers[model].info(name)
+        return info.shape, info.dtype
+
+    @staticmethod
+    def _check_shapes(output: str, infos: list[TensorInput]) -> None:
+        first = infos[0]
+        for other in infos[1:]:
+            if other.shape != first.shape:
+                hint = ("the vocabularies differ; merge models that share a tokenizer"
+                        if role(output) == "pre" or is_lm_head(output)
+                        else "the models do not share an architecture")
+                raise TensorMismatchError(
+                    f"tensor '{output}': shape {list(first.shape)} in '{first.model}' "
+                    f"({first.name}) but {list(other.shape)} in '{other.model}' ({other.name}); {hint}")
+
+    def _scope(self, out_slice: _Slice) -> ParameterScope:
+        per_model: dict[str, list[dict[str, ParameterValue]]] = {}
+        for source in out_slice.sources:
+            if source.parameters:
+                per_model.setdefault(source.model, []).append(source.parameters)
+        shared = [p for p in (out_slice.parameters, self.recipe.parameters) if p]
+        return ParameterScope(per_model=per_model, shared=shared)
+
+    def _model_params(self, scope: ParameterScope, model: str, name: str, t: float) -> BaseModel:
+        return self._resolve(self.method.model_params, scope, name, t, model, name)
+
+    def _resolve(self, params_model: type[BaseModel], scope: ParameterScope, filter_name: str,
+                 t: float, model: str | None, output: str) -> BaseModel:
+        values: dict[str, Any] = {}
+        for field_name, field in params_model.model_fields.items():
+            key = field.alias or field_name
+            value = scope.lookup(key, filter_name, t, model)
+            if value is not None:
+                values[key] = value
+        try:
+            return params_model.model_validate(values)
+        except ValidationError as exc:
+            raise RecipeError(self._param_error(exc, model, output)) from None
+
+    def _param_error(self, exc: ValidationError, model: str | None, output: str) -> str:
+        error = exc.errors()[0]
+        key = str(error["loc"][0]) if error["loc"] else "?"
+        whose = f"model '{model}'" if model else "the merge"
+        if error["type"] == "missing":
+            place = "that model's parameters" if model else "the top-level parameters"
+            return (f"{self.method.name} needs parameter '{key}' for {whose} (tensor '{output}'); "
+                    f"set it in {place} or the top-level parameters")
+        return f"parameter '{key}' for {whose} at tensor '{output}': {error['msg']}"
+
+    @staticmethod
+    def _check_unique(names: list[str]) -> None:
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise TensorMismatchError(f"output tensor '{name}' would be written twice; check "
+                                          "that slices do not overlap in the output")
+            seen.add(name)
+
+    # -- files beside the weights -------------------------------------------------------------
+
+    def _out_config(self, num_layers: int | None) -> dict[str, Any]:
+        config = dict(self.configs[self.donor])
+        dtype = self.recipe.out_dtype or self.recipe.dtype
+        if dtype:
+            config["dtype"] = dtype
+            config.pop("torch_dtype", None)
+        if num_layers is not None:
+            key = next((k for k in LAYER_COUNT_KEYS if k in config), "num_hidden_layers")
+            config[key] = num_layers
+        return config
+
+    def _tokenizer_source(self) -> ResolvedModel | None:
+        recipe = self.recipe
+        source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
+        if source in (None, "base"):
+            return self.models[self.donor]
+        if source == "union":
+            raise RecipeError("tokenizer_source: 'union' (building a merged vocabulary) is not "
+                              "supported yet; use 'base' or name one model's tokenizer")
+        if source in self.models:
+            return self.models[source]
+        return resolve_model(source)
+
+
+def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    result = dtypes[0]
+    for dtype in dtypes[1:]:
+        result = torch.promote_types(result, dtype)
+    return result
+
+
+def build_plan(recipe: MergeRecipe, *, recipe_text: str = "", allow_pickle: bool = False) -> Plan:
+    """Resolve models, read their headers and configs, and plan every output tensor."""
+    return PlanBuilder(recipe, recipe_text=recipe_text, allow_pickle=allow_pickle).build()

@@ -1,0 +1,119 @@
+"""The merge plan: one task per output tensor, fully resolved before any tensor data is read."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from fusekit.io.refs import ResolvedModel
+from fusekit.recipe.schema import MergeRecipe
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    """One input tensor: which model, which name there, and what the header says it is."""
+
+    model: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """How to produce one output tensor.
+
+    Attributes:
+        output: the tensor's name in the merged model.
+        method: the registered merge method.
+        inputs: the contributing tensors, aligned with ``model_params``.
+        model_params / params: validated per-model and method-wide parameters.
+        base: the base model's tensor for methods that take one.
+        compute_dtype: dtype the kernel works in; out_dtype: dtype written.
+        t: relative depth in [0, 1] used for gradients (0 for embeddings and head).
+    """
+
+    output: str
+    method: str
+    inputs: tuple[TensorInput, ...]
+    model_params: tuple[BaseModel, ...]
+    params: BaseModel
+    base: TensorInput | None
+    shape: tuple[int, ...]
+    compute_dtype: torch.dtype
+    out_dtype: torch.dtype
+    t: float
+
+    @property
+    def all_inputs(self) -> tuple[TensorInput, ...]:
+        return self.inputs if self.base is None else (*self.inputs, self.base)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def out_bytes(self) -> int:
+        return self.numel * self.out_dtype.itemsize
+
+    def working_bytes(self) -> int:
+        """Memory held while this task runs: inputs, the kernel's scratch, the cast output.
+
+        Inputs are held in compute dtype (one native-dtype copy at a time while casting); the kernels
+        stack their inputs and keep a float32 accumulator, about one more copy per input plus two.
+        """
+        compute = self.numel * self.compute_dtype.itemsize
+        n_inputs = len(self.all_inputs)
+        largest_native = max((i.nbytes for i in self.all_inputs), default=0)
+        scratch = (n_inputs + 2) * max(compute, self.numel * 4)
+        return n_inputs * compute + largest_native + scratch + self.out_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything ``execute`` needs, and what ``fusekit plan`` prints.
+
+    Attributes:
+        recipe: the validated recipe; recipe_text: its YAML as written (copied into the output).
+        models: every referenced model, resolved, by reference.
+        donor: the model whose config, tokenizer and generation config the output takes.
+        tasks: output tensors in write order.
+        out_config: config.json for the output.
+        tokenizer_source: the model whose tokenizer files are copied.
+        chat_template: a template to install in the output's tokenizer, or None to keep its own.
+    """
+
+    recipe: MergeRecipe
+    recipe_text: str
+    models: dict[str, ResolvedModel]
+    donor: str
+    tasks: tuple[TensorTask, ...]
+    out_config: dict[str, Any]
+    tokenizer_source: ResolvedModel | None
+    chat_template: str | None = None
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes read: each distinct input tensor counted once."""
+        seen = {(i.model, i.name): i.nbytes for task in self.tasks for i in task.all_inputs}
+        return sum(seen.values())
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(task.out_bytes for task in self.tasks)
+
+    def peak_task(self) -> TensorTask | None:
+        return max(self.tasks, key=TensorTask.working_bytes, default=None)
+
+    def peak_working_bytes(self) -> int:
+        """Largest per-task working set; add the process baseline for the peak resident size."""
+        task = self.peak_task()
+        return task.working_bytes() if task else 0

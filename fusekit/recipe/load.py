@@ -1,0 +1,220 @@
+"""Load a YAML recipe into pydantic models, reporting every problem with ``file:line:col``.
+
+YAML is parsed with the safe loader and the node tree is walked once to remember where each key and
+value stands, so a pydantic error location such as ``('models', 1, 'parameters')`` becomes
+``recipe.yaml:7:5 models[1].parameters: ...``. Unknown keys come with the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from fusekit.errors import RecipeError
+
+Location = tuple[str | int, ...]
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# Aliases can expand exponentially ("billion laughs"); recipes never need many.
+_MAX_ALIASES = 100
+
+
+@dataclass(frozen=True)
+class RecipeSource:
+    """Where a recipe came from and where each of its values stands in the file."""
+
+    name: str
+    marks: dict[Location, tuple[int, int]]
+
+    def where(self, loc: Location) -> str:
+        """``file:line:col`` for the deepest known prefix of ``loc``."""
+        for end in range(len(loc), -1, -1):
+            mark = self.marks.get(loc[:end])
+            if mark is not None:
+                return f"{self.name}:{mark[0]}:{mark[1]}"
+        return self.name
+
+
+def format_location(loc: Iterable[str | int]) -> str:
+    """``('models', 1, 'parameters')`` → ``models[1].parameters``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _collect_marks(node: yaml.Node, loc: Location, marks: dict[Location, tuple[int, int]],
+                   counter: list[int]) -> None:
+    """Record 1-based line/column of every node; refuse duplicate keys and alias bombs."""
+    marks.setdefault(loc, (node.start_mark.line + 1, node.start_mark.column + 1))
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise _DuplicateKey(f"key '{key}' appears twice (line {line}); keep one of them", loc)
+            seen.add(key)
+            marks[(*loc, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            _collect_marks(value_node, (*loc, key), marks, counter)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            counter[0] += 1
+            if counter[0] > 1_000_000:
+                raise _DuplicateKey("the document is too large or expands aliases too far", loc)
+            _collect_marks(item, (*loc, index), marks, counter)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, message: str, loc: Location) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """Safe loader that refuses documents using more aliases than any recipe needs."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.alias_count = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.alias_count += 1
+            if self.alias_count > _MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"more than {_MAX_ALIASES} YAML aliases; expand them by hand", mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, name: str) -> tuple[Any, RecipeSource]:
+    """Parse YAML text safely; return the data and the line marks of every value."""
+    loader = _CountingLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise RecipeError(f"{name}: the recipe is empty; see configs/ for examples")
+        marks: dict[Location, tuple[int, int]] = {}
+        _collect_marks(node, (), marks, [0])
+        data = loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise RecipeError(f"{where} malformed YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{name}: malformed YAML: {exc}") from None
+    except _DuplicateKey as exc:
+        raise RecipeError(f"{RecipeSource(name, marks).where(exc.loc)} {exc}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise RecipeError(f"{name}:1:1 a recipe must be a mapping of keys such as merge_method and "
+                          f"models, got {type(data).__name__}")
+    return data, RecipeSource(name, marks)
+
+
+def _model_class_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model class nested anywhere in ``annotation`` (list[X], X | None, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_class_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_at(root: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        model = _model_class_in(model.model_fields[part].annotation)
+    return model
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest choice, or a list of valid ones."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; valid keys: {', '.join(choices)}" if choices else ""
+
+
+def _data_path(data: Any, loc: Sequence[str | int]) -> Location:
+    """Keep the parts of a pydantic location that address real data (drop union tags)."""
+    path: list[str | int] = []
+    node = data
+    for part in loc:
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
+            node = node[part]
+            path.append(part)
+    return tuple(path)
+
+
+def _describe(root: type[BaseModel], data: Any, error: Any, source: RecipeSource) -> str:
+    path = _data_path(data, error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        key = str(error["loc"][-1])
+        model = _model_at(root, path[:-1])
+        fields = model.model_fields if model else {}
+        message = f"unknown key '{key}'{suggest(key, fields)}"
+    elif error["type"] == "missing":
+        path = _data_path(data, error["loc"][:-1])
+        message = f"required key '{error['loc'][-1]}' is missing"
+    elif "input" in error and error["type"] not in ("value_error", "assertion_error"):
+        message = f"{message}, got {error['input']!r}"
+    label = format_location(path)
+    return f"{source.where(path)} {label + ': ' if label else ''}{message}"
+
+
+def validate(root: type[ModelT], data: Any, source: RecipeSource,
+             checks: Callable[[ModelT], list[tuple[Location, str]]] | None = None) -> ModelT:
+    """Validate ``data`` as ``root``; every problem in one :class:`RecipeError`, one line each."""
+    try:
+        recipe = root.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(root, data, err, source) for err in exc.errors()]
+        raise RecipeError(_join(lines)) from None
+    problems = checks(recipe) if checks else []
+    if problems:
+        lines = []
+        for loc, message in problems:
+            label = format_location(loc)
+            lines.append(f"{source.where(loc)} {label + ': ' if label else ''}{message}")
+        raise RecipeError(_join(lines))
+    return recipe
+
+
+def _join(lines: list[str]) -> str:
+    unique = list(dict.fromkeys(lines))
+    if len(unique) == 1:
+        return unique[0]
+    return f"{len(unique)} problems: " + " | ".join(unique)
+
+
+def read_recipe_text(path: Path) -> str:
+    """The recipe file's text, or a one-line error naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found; check the path") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a folder, expected a YAML recipe file") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: is not UTF-8 text; a recipe is a YAML file") from None

@@ -1,0 +1,202 @@
+"""Pydantic models for merge recipes, in mergekit's YAML format.
+
+A recipe names a ``merge_method`` and either ``models`` (every model contributes every tensor) or
+``slices`` (layer ranges stacked into a new model). ``parameters`` may sit at the top level, on a
+model, on an output slice or on a slice source; each value is a scalar, a gradient (a list of numbers
+interpolated across the layers) or a list of ``{filter, value}`` entries matched against tensor names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
+
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+                  "float": "float32", "fp64": "float64", "double": "float64"}
+
+
+def _normalise_dtype(value: Any) -> Any:
+    if isinstance(value, str):
+        name = value.removeprefix("torch.")
+        return _DTYPE_ALIASES.get(name, name)
+    return value
+
+
+DType = Annotated[DTypeName, BeforeValidator(_normalise_dtype)]
+
+Scalar = float | bool | str
+Gradient = tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Filtered:
+    """One ``{filter, value}`` entry; ``filter`` None or ``"*"`` matches every tensor."""
+
+    filter: str | None
+    value: Scalar | Gradient
+
+
+ParameterValue = Scalar | Gradient | tuple[Filtered, ...]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_scalar_or_gradient(value: Any) -> Scalar | Gradient:
+    if isinstance(value, (bool, str)):
+        return value
+    if _is_number(value):
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        return float(value)
+    if isinstance(value, list) and value and all(_is_number(v) for v in value):
+        return tuple(float(v) for v in value)
+    raise ValueError(
+        f"must be a number, a list of numbers (a gradient across layers) or a list of "
+        f"{{filter, value}} entries, got {value!r}"
+    )
+
+
+def parse_parameter_value(value: Any) -> ParameterValue:
+    """Turn one YAML parameter value into a scalar, a gradient or filtered entries."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        entries = []
+        for entry in value:
+            unknown = set(entry) - {"filter", "value"}
+            if unknown or "value" not in entry:
+                raise ValueError(
+                    "each filtered entry must be {filter: <tensor name part>, value: <number>}, "
+                    f"got {entry!r}"
+                )
+            flt = entry.get("filter")
+            if flt is not None and not isinstance(flt, str):
+                raise ValueError(f"filter must be a string, got {flt!r}")
+            entries.append(Filtered(filter=flt, value=_parse_scalar_or_gradient(entry["value"])))
+        return tuple(entries)
+    return _parse_scalar_or_gradient(value)
+
+
+Parameters = dict[str, Annotated[Any, BeforeValidator(parse_parameter_value)]]
+
+
+def _parse_model_ref(value: Any) -> Any:
+    """Accept ``"path[@revision]"`` or mergekit's ``{model: {path, revision}}`` / ``{path, revision}``."""
+    if isinstance(value, dict):
+        inner = value.get("model", value)
+        if set(value) - {"model", "path", "revision"}:
+            raise ValueError(
+                f"a model reference takes path and revision, got keys {sorted(value)}; "
+                "LoRA adapters ('lora') are not supported yet"
+            )
+        if isinstance(inner, dict):
+            if set(inner) - {"path", "revision"} or "path" not in inner:
+                raise ValueError(f"a model reference needs 'path' (and optional 'revision'), got {inner!r}")
+            path, revision = inner["path"], inner.get("revision")
+            return f"{path}@{revision}" if revision else str(path)
+        return inner
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("a model reference must not be empty")
+        if "+" in value and not value.endswith(".safetensors"):
+            raise ValueError(f"LoRA references ('model+adapter') are not supported yet: {value!r}")
+        return value
+    raise ValueError(f"a model reference must be a path or Hub id string, got {value!r}")
+
+
+ModelRefText = Annotated[str, BeforeValidator(_parse_model_ref)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    """One entry of ``models:``."""
+
+    model: ModelRefText
+    parameters: Parameters | None = None
+
+
+class SliceSource(_Strict):
+    """One source of an output slice: ``layer_range`` [start, end) of ``model``."""
+
+    model: ModelRefText
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start < 0 or end <= start:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class OutputSlice(_Strict):
+    """One entry of ``slices:``; its sources are merged layer by layer."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: ModelRefText | None = None
+    residual_weight: float | None = None
+    parameters: Parameters | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self) -> OutputSlice:
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in self.sources)
+            raise ValueError(f"all sources of a slice must span the same number of layers: {ranges}")
+        return self
+
+
+class TokenizerConfig(_Strict):
+    """mergekit's ``tokenizer:`` block."""
+
+    source: ModelRefText | None = None
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
+
+
+class MergeRecipe(_Strict):
+    """A whole merge recipe (``fusekit merge``), accepted in mergekit's format."""
+
+    merge_method: str
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: ModelRefText | None = None
+    parameters: Parameters | None = None
+    dtype: DType | None = None
+    out_dtype: DType | None = None
+    tokenizer_source: ModelRefText | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> MergeRecipe:
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give either 'models' or 'slices' (exactly one of them)")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty; list at least one model")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or 'tokenizer', not both")
+        return self
+
+    def model_refs(self) -> list[str]:
+        """Every model the recipe mentions, in first-mention order, without duplicates."""
+        refs: list[str] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for entry in self.models or []:
+            refs.append(entry.model)
+        for out_slice in self.slices or []:
+            if out_slice.base_model:
+                refs.append(out_slice.base_model)
+            refs.extend(source.model for source in out_slice.sources)
+        return list(dict.fromkeys(refs))
