@@ -13,7 +13,6 @@ memory stays at a few tens of MB above torch's own, even for billion-parameter m
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
@@ -21,9 +20,18 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
+
+from fusekit.io.layout import (
+    INDEX_FILE,
+    TensorSpec,
+    encode_header,
+    plan_shards,
+    shard_file_names,
+    shard_index,
+    tensor_bytes,
+)
 
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS: tuple[str, ...] = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
@@ -42,11 +50,6 @@ _NOISE_STD = 0.06 * _INIT_STD  # its dense noise part, ~6%: ~13% in all
 _NORM_DELTA_STD = 0.03
 _BLOCK_ELEMENTS = 1 << 22  # rows are generated and written this many elements at a time
 
-_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float32: "F32",
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-}
 _CONFIG_DTYPES: dict[torch.dtype, str] = {
     torch.float32: "float32",
     torch.bfloat16: "bfloat16",
@@ -80,18 +83,6 @@ class _DemoConfig:
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.hidden_size // self.num_attention_heads
-
-
-@dataclass(frozen=True)
-class _TensorSpec:
-    """Name and shape of one checkpoint tensor; 1-D tensors are RMSNorm weights."""
-
-    name: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
 
 def build_demo_models(
@@ -195,7 +186,7 @@ def _validate(
         )
     _validate_vocab(config.vocab_size, with_tokenizer)
     _validate_names(names)
-    if dtype not in _SAFETENSORS_DTYPES:
+    if dtype not in _CONFIG_DTYPES:
         raise ValueError(f"dtype must be one of {list(_CONFIG_DTYPES.values())}, got {dtype}")
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -369,51 +360,29 @@ def _write_tokenizer(folder: Path) -> None:
 # --- tensor layout ------------------------------------------------------------------------------
 
 
-def _tensor_specs(config: _DemoConfig) -> list[_TensorSpec]:
+def _tensor_specs(config: _DemoConfig, dtype: torch.dtype) -> list[TensorSpec]:
     """Every tensor of LlamaForCausalLM's state dict, in module order."""
     hidden, inter = config.hidden_size, config.intermediate_size
     q_rows = config.num_attention_heads * config.head_dim
     kv_rows = config.num_key_value_heads * config.head_dim
-    specs = [_TensorSpec("model.embed_tokens.weight", (config.vocab_size, hidden))]
+    specs = [TensorSpec("model.embed_tokens.weight", (config.vocab_size, hidden), dtype)]
     for i in range(config.num_layers):
         prefix = f"model.layers.{i}"
         specs += [
-            _TensorSpec(f"{prefix}.input_layernorm.weight", (hidden,)),
-            _TensorSpec(f"{prefix}.self_attn.q_proj.weight", (q_rows, hidden)),
-            _TensorSpec(f"{prefix}.self_attn.k_proj.weight", (kv_rows, hidden)),
-            _TensorSpec(f"{prefix}.self_attn.v_proj.weight", (kv_rows, hidden)),
-            _TensorSpec(f"{prefix}.self_attn.o_proj.weight", (hidden, q_rows)),
-            _TensorSpec(f"{prefix}.post_attention_layernorm.weight", (hidden,)),
-            _TensorSpec(f"{prefix}.mlp.gate_proj.weight", (inter, hidden)),
-            _TensorSpec(f"{prefix}.mlp.up_proj.weight", (inter, hidden)),
-            _TensorSpec(f"{prefix}.mlp.down_proj.weight", (hidden, inter)),
+            TensorSpec(f"{prefix}.input_layernorm.weight", (hidden,), dtype),
+            TensorSpec(f"{prefix}.self_attn.q_proj.weight", (q_rows, hidden), dtype),
+            TensorSpec(f"{prefix}.self_attn.k_proj.weight", (kv_rows, hidden), dtype),
+            TensorSpec(f"{prefix}.self_attn.v_proj.weight", (kv_rows, hidden), dtype),
+            TensorSpec(f"{prefix}.self_attn.o_proj.weight", (hidden, q_rows), dtype),
+            TensorSpec(f"{prefix}.post_attention_layernorm.weight", (hidden,), dtype),
+            TensorSpec(f"{prefix}.mlp.gate_proj.weight", (inter, hidden), dtype),
+            TensorSpec(f"{prefix}.mlp.up_proj.weight", (inter, hidden), dtype),
+            TensorSpec(f"{prefix}.mlp.down_proj.weight", (hidden, inter), dtype),
         ]
-    specs.append(_TensorSpec("model.norm.weight", (hidden,)))
+    specs.append(TensorSpec("model.norm.weight", (hidden,), dtype))
     if not config.tie_word_embeddings:
-        specs.append(_TensorSpec("lm_head.weight", (config.vocab_size, hidden)))
+        specs.append(TensorSpec("lm_head.weight", (config.vocab_size, hidden), dtype))
     return specs
-
-
-def _plan_shards(
-    specs: list[_TensorSpec], itemsize: int, max_shard_bytes: int | None
-) -> list[list[_TensorSpec]]:
-    """Group tensors greedily, in order, into shards of at most ``max_shard_bytes``."""
-    shards: list[list[_TensorSpec]] = [[]]
-    used = 0
-    for spec in specs:
-        size = spec.numel * itemsize
-        if max_shard_bytes is not None and shards[-1] and used + size > max_shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(spec)
-        used += size
-    return shards
-
-
-def _shard_file_names(count: int) -> list[str]:
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 # --- weight generation --------------------------------------------------------------------------
@@ -425,14 +394,14 @@ def _generator(seed: int, *parts: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def _row_blocks(spec: _TensorSpec) -> Iterator[tuple[int, int]]:
+def _row_blocks(spec: TensorSpec) -> Iterator[tuple[int, int]]:
     rows, cols = spec.shape
     step = max(1, _BLOCK_ELEMENTS // cols)
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 
 
-def _norm_weights(spec: _TensorSpec, variants: Sequence[str], seed: int) -> list[torch.Tensor]:
+def _norm_weights(spec: TensorSpec, variants: Sequence[str], seed: int) -> list[torch.Tensor]:
     """Ones for the base, ones plus a small seeded perturbation for each fine-tune."""
     tensors = [torch.ones(spec.shape)]
     for variant in variants:
@@ -442,7 +411,7 @@ def _norm_weights(spec: _TensorSpec, variants: Sequence[str], seed: int) -> list
 
 
 def _matrix_blocks(
-    spec: _TensorSpec, variants: Sequence[str], seed: int
+    spec: TensorSpec, variants: Sequence[str], seed: int
 ) -> Iterator[list[torch.Tensor]]:
     """Yield, one block of rows at a time, the base matrix and each fine-tune of it.
 
@@ -469,7 +438,7 @@ def _matrix_blocks(
 
 
 def _tensor_blocks(
-    spec: _TensorSpec, variants: Sequence[str], seed: int
+    spec: TensorSpec, variants: Sequence[str], seed: int
 ) -> Iterator[list[torch.Tensor]]:
     """Blocks of one tensor for every model, base first; 1-D norms come as a single block."""
     if len(spec.shape) == 1:
@@ -481,40 +450,15 @@ def _tensor_blocks(
 # --- safetensors writing ------------------------------------------------------------------------
 
 
-def _safetensors_header(specs: list[_TensorSpec], dtype: torch.dtype) -> bytes:
-    """Length-prefixed JSON header for tensors laid out back to back in ``specs`` order."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for spec in specs:
-        end = offset + spec.numel * itemsize
-        header[spec.name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
-            "shape": list(spec.shape),
-            "data_offsets": [offset, end],
-        }
-        offset = end
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the format pads the header to an 8-byte boundary
-    return len(text).to_bytes(8, "little") + text
-
-
-def _write_tensor(handle: BinaryIO, tensor: torch.Tensor) -> None:
-    """Write a CPU tensor's raw bytes without copying them into a Python bytes object."""
-    tensor = tensor.contiguous()
-    size = tensor.numel() * tensor.element_size()
-    handle.write((ctypes.c_ubyte * size).from_address(tensor.data_ptr()))
-
-
 def _write_shard(
     paths: list[Path],
-    specs: list[_TensorSpec],
+    specs: list[TensorSpec],
     variants: Sequence[str],
     dtype: torch.dtype,
     seed: int,
 ) -> None:
     """Write the same shard of every model at once, so each base block is drawn only once."""
-    header = _safetensors_header(specs, dtype)
+    header, _ = encode_header(specs)
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(path.open("wb")) for path in paths]
         for handle in handles:
@@ -522,7 +466,7 @@ def _write_shard(
         for spec in specs:
             for block in _tensor_blocks(spec, variants, seed):
                 for handle, tensor in zip(handles, block, strict=True):
-                    _write_tensor(handle, tensor.to(dtype))
+                    handle.write(tensor_bytes(tensor.to(dtype).contiguous()))
 
 
 def _write_weights(
@@ -535,23 +479,12 @@ def _write_weights(
 ) -> None:
     if sys.byteorder != "little":
         raise RuntimeError("safetensors files are little-endian; this host is big-endian")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    shards = _plan_shards(_tensor_specs(config), itemsize, max_shard_bytes)
-    file_names = _shard_file_names(len(shards))
+    shards = plan_shards(_tensor_specs(config, dtype), max_shard_bytes)
+    file_names = shard_file_names(len(shards))
     for file_name, specs in zip(file_names, shards, strict=True):
         paths = [folder / file_name for folder in folders]
         _write_shard(paths, specs, names[1:], dtype, seed)
     if len(shards) > 1:
-        index = _shard_index(shards, file_names, itemsize)
+        index = shard_index(shards, file_names)
         for folder in folders:
-            _write_json(folder / "model.safetensors.index.json", index)
-
-
-def _shard_index(
-    shards: list[list[_TensorSpec]], file_names: list[str], itemsize: int
-) -> dict[str, object]:
-    weight_map = {
-        spec.name: name for name, specs in zip(file_names, shards, strict=True) for spec in specs
-    }
-    total = sum(spec.numel * itemsize for specs in shards for spec in specs)
-    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            _write_json(folder / INDEX_FILE, index)

@@ -86,10 +86,15 @@ def shard_index(shards: Sequence[Sequence[TensorSpec]], file_names: Sequence[str
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A CPU tensor's raw bytes, without a copy (the tensor must stay alive while they are used)."""
+    """A contiguous CPU tensor's raw bytes, writable and without a copy.
+
+    The view keeps the tensor alive, so ``tensor_bytes(t.to(dtype))`` is safe to use.
+    """
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         raise ValueError("tensor_bytes needs a contiguous CPU tensor")
     size = tensor.numel() * tensor.element_size()
     if size == 0:
-        return memoryview(b"")
-    return memoryview((ctypes.c_ubyte * size).from_address(tensor.data_ptr())).cast("B")
+        return memoryview(bytearray())
+    buffer = (ctypes.c_ubyte * size).from_address(tensor.data_ptr())
+    buffer.owner = tensor  # type: ignore[attr-defined]  # ties the tensor's lifetime to the view
+    return memoryview(buffer).cast("B")

@@ -49,8 +49,8 @@ def evaluate(value: ParameterValue, tensor_name: str, t: float) -> Scalar | None
                 return evaluate(entry.value, tensor_name, t)
         return None
     if isinstance(value, tuple):
-        return interpolate_gradient(value, t)
-    return value  # type: ignore[return-value]
+        return interpolate_gradient([float(v) for v in value if not isinstance(v, Filtered)], t)
+    return value
 
 
 @dataclass(frozen=True)
