@@ -91,7 +91,10 @@ def merge(
     allow_pickle: PickleOpt = False,
     copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer",
                                                  help="Copy the tokenizer files.")] = True,
+    random_seed: Annotated[int | None, typer.Option("--random-seed", help="Seed for stochastic "
+                                                    "methods; picked and recorded when absent.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    output_format: Annotated[Format, typer.Option("--format", help="Summary as text or json.")] = Format.text,
 ) -> None:
     """Merge the models a recipe names into OUT_DIR, a transformers-loadable model."""
     from fusekit.merging import merge as run_merge
@@ -99,10 +102,16 @@ def merge(
 
     result = run_merge(recipe, out_dir, overwrite=overwrite, out_shard_size=parse_size(out_shard_size),
                        device=device.value, allow_pickle=allow_pickle,
-                       copy_tokenizer_files=copy_tokenizer,
+                       copy_tokenizer_files=copy_tokenizer, random_seed=random_seed,
                        progress=not quiet and sys.stderr.isatty() and not os.environ.get("CI"))
-    if not quiet:
-        stats = result.stats
+    stats = result.stats
+    if output_format is Format.json:
+        typer.echo(json.dumps({"out_dir": str(out_dir), "tensors": stats.tensors,
+                               "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written,
+                               "shards": len(stats.files), "seconds": stats.seconds,
+                               "random_seed": result.seed,
+                               "peak_rss_bytes": stats.peak_rss_bytes}, indent=2))
+    elif not quiet:
         typer.echo(f"merged {stats.tensors} tensors ({result.plan.recipe.merge_method}, "
                    f"{len(result.plan.models)} models) into {out_dir}: "
                    f"{human_bytes(stats.bytes_written)} in {len(stats.files)} shard(s), "

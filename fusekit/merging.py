@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from fusekit.io.card import model_card
 from fusekit.io.tokenizer import copy_generation_config, copy_tokenizer, write_chat_template
 from fusekit.io.writer import atomic_output, check_output_folder, write_json, write_text
+from fusekit.ops import get_method
 from fusekit.plan import ExecutionStats, Executor, Plan, build_plan, resolve_device
 from fusekit.recipe import MergeRecipe, load_merge_recipe
 from fusekit.recipe.load import read_recipe_text
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
+log = logging.getLogger("fusekit")
 RECIPE_COPY = "mergekit_config.yml"  # the name Hub tooling looks for, so merges are recognised
 
 
@@ -23,6 +27,7 @@ class MergeResult:
     out_dir: Path
     plan: Plan
     stats: ExecutionStats
+    seed: int
 
 
 def plan(recipe: str | Path, *, allow_pickle: bool = False) -> Plan:
@@ -35,7 +40,7 @@ def plan(recipe: str | Path, *, allow_pickle: bool = False) -> Plan:
 def merge(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
           out_shard_size: int | None = DEFAULT_SHARD_BYTES, device: str = "cpu",
           allow_pickle: bool = False, copy_tokenizer_files: bool = True,
-          progress: bool = False) -> MergeResult:
+          random_seed: int | None = None, progress: bool = False) -> MergeResult:
     """Merge the models a recipe names and write a transformers-loadable model to ``out_dir``.
 
     Args:
@@ -46,6 +51,8 @@ def merge(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         allow_pickle: accept ``.bin``/``.pt`` inputs (loaded with ``weights_only=True``).
         copy_tokenizer_files: copy the tokenizer of ``tokenizer_source`` (default: the base).
+        random_seed: seed for stochastic methods (DARE, DELLA, ...); None picks one, which is
+            logged and written to the model card so the run can be repeated.
         progress: show a progress bar on stderr.
 
     Example:
@@ -54,15 +61,28 @@ def merge(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite=overwrite)
     merge_plan = plan(recipe, allow_pickle=allow_pickle)
+    seed = pick_seed(random_seed, stochastic=get_method(merge_plan.recipe.merge_method).stochastic)
     executor = Executor(merge_plan, device=resolve_device(device), max_shard_bytes=out_shard_size,
-                        progress=progress)
+                        seed=seed, progress=progress)
     with atomic_output(out_dir, overwrite=overwrite) as temp:
         stats = executor.run(temp)
-        write_side_files(merge_plan, temp, name=out_dir.name, tokenizer=copy_tokenizer_files)
-    return MergeResult(out_dir=out_dir, plan=merge_plan, stats=stats)
+        write_side_files(merge_plan, temp, name=out_dir.name, tokenizer=copy_tokenizer_files,
+                         seed=seed)
+    return MergeResult(out_dir=out_dir, plan=merge_plan, stats=stats, seed=seed)
 
 
-def write_side_files(merge_plan: Plan, out: Path, *, name: str, tokenizer: bool = True) -> None:
+def pick_seed(seed: int | None, *, stochastic: bool) -> int:
+    """``seed`` itself, or a fresh one (logged when the method draws random numbers)."""
+    if seed is not None:
+        return seed
+    chosen = secrets.randbelow(2**31)
+    if stochastic:
+        log.warning("random seed %d (pass --random-seed %d to repeat this merge)", chosen, chosen)
+    return chosen
+
+
+def write_side_files(merge_plan: Plan, out: Path, *, name: str, tokenizer: bool = True,
+                     seed: int = 0) -> None:
     """config.json, generation config, tokenizer, model card and the recipe, beside the weights."""
     write_json(out / "config.json", merge_plan.out_config)
     donor = merge_plan.models[merge_plan.donor]
@@ -74,5 +94,5 @@ def write_side_files(merge_plan: Plan, out: Path, *, name: str, tokenizer: bool 
     recipe: MergeRecipe = merge_plan.recipe
     write_text(out / "README.md", model_card(
         name=name, method=recipe.merge_method, models=list(merge_plan.models),
-        base=recipe.base_model, recipe_text=merge_plan.recipe_text))
+        base=recipe.base_model, recipe_text=merge_plan.recipe_text, seed=seed))
     write_text(out / RECIPE_COPY, merge_plan.recipe_text)

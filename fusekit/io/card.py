@@ -22,7 +22,7 @@ def hub_id(ref: str) -> str | None:
 
 
 def model_card(*, name: str, method: str, models: list[str], base: str | None, recipe_text: str,
-               extra_metadata: dict[str, object] | None = None) -> str:
+               seed: int | None = None, extra_metadata: dict[str, object] | None = None) -> str:
     """README.md text: YAML front matter, a summary, the inputs and the recipe."""
     hub_models = list(dict.fromkeys(h for h in map(hub_id, models) if h))
     metadata: dict[str, object] = {
@@ -41,7 +41,9 @@ def model_card(*, name: str, method: str, models: list[str], base: str | None, r
         "## Models merged", "",
         *[f"- `{ref}`{' (base)' if ref == base else ''}" for ref in models], "",
         "## Recipe", "",
-        "The recipe below reproduces this model with `fusekit merge recipe.yaml OUT_DIR`.", "",
+        "The recipe below reproduces this model with "
+        f"`fusekit merge recipe.yaml OUT_DIR{f' --random-seed {seed}' if seed is not None else ''}`.",
+        "",
         "```yaml", recipe_text.strip(), "```", "",
     ]
     return "\n".join(lines)

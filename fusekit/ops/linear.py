@@ -33,8 +33,9 @@ def linear(inputs: MergeInputs) -> torch.Tensor:
     acc_dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     weights = torch.tensor([p.weight for p in inputs.model_params],  # type: ignore[attr-defined]
                            dtype=acc_dtype, device=first.device)
-    merged = torch.zeros(first.shape, dtype=acc_dtype, device=first.device)
-    for tensor, weight in zip(inputs.tensors, weights, strict=True):
+    # 0 + x·w == x·w exactly, so starting from the first product skips a zero-filled pass.
+    merged = torch.mul(first, weights[0])
+    for tensor, weight in zip(inputs.tensors[1:], weights[1:], strict=True):
         merged.addcmul_(tensor, weight)
     if inputs.params.normalize:  # type: ignore[attr-defined]
         total = weights.sum()

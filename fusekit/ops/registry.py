@@ -7,6 +7,7 @@ hands the kernel plain tensors and frozen parameter objects.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -34,14 +35,30 @@ class MergeInputs:
         model_params: one validated per-model parameter object per entry of ``tensors``.
         params: the validated method-wide parameters.
         base: the base model's tensor for methods that use one, else None.
-        generator: seeded per (seed, tensor name) for stochastic methods, else None.
+        seed: the run's random seed; with ``tensor_name`` it seeds :meth:`generator`.
+        tensor_name: the output tensor's name.
     """
 
     tensors: Sequence[torch.Tensor]
     model_params: Sequence[BaseModel]
     params: BaseModel
     base: torch.Tensor | None = None
-    generator: torch.Generator | None = None
+    seed: int = 0
+    tensor_name: str = ""
+
+    def generator(self, model_index: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, tensor name, model index).
+
+        Stochastic kernels draw on the CPU from this and move the draw to the tensors' device, so a
+        run gives the same bytes on CPU and GPU, in any tensor order and with any thread count.
+        """
+        return seeded_generator(self.seed, self.tensor_name, model_index)
+
+
+def seeded_generator(seed: int, tensor_name: str, model_index: int) -> torch.Generator:
+    """A CPU generator whose state depends only on its three arguments."""
+    digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 class Kernel(Protocol):
@@ -64,6 +81,7 @@ class MergeMethod:
             others as ``tensors``), can use one, or ignores it.
         min_models / max_models: bounds on ``len(tensors)``.
         summary: one line for the README and ``--help``.
+        stochastic: whether the kernel draws random numbers (then the run's seed matters).
     """
 
     name: str
@@ -74,6 +92,7 @@ class MergeMethod:
     min_models: int
     max_models: int | None
     summary: str
+    stochastic: bool = False
 
     def parameter_names(self) -> dict[str, str]:
         """Every accepted parameter name (YAML spelling) → ``"model"`` or ``"method"``."""
@@ -93,14 +112,14 @@ _METHODS: dict[str, MergeMethod] = {}
 def register(name: str, *, model_params: type[Params] = NoParams,
              method_params: type[Params] = NoParams, base: BaseUse = "unused",
              min_models: int = 1, max_models: int | None = None,
-             summary: str) -> Callable[[Kernel], Kernel]:
+             summary: str, stochastic: bool = False) -> Callable[[Kernel], Kernel]:
     """Decorator registering ``kernel`` under ``name``; a duplicate name is a bug and raises."""
 
     def add(kernel: Kernel) -> Kernel:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
         _METHODS[name] = MergeMethod(name, kernel, model_params, method_params, base,
-                                     min_models, max_models, summary)
+                                     min_models, max_models, summary, stochastic)
         return kernel
 
     return add

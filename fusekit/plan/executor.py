@@ -58,8 +58,9 @@ class Executor:
     """Executes a :class:`Plan` into an output folder, one tensor at a time."""
 
     def __init__(self, plan: Plan, *, device: torch.device, max_shard_bytes: int | None,
-                 progress: bool = False) -> None:
+                 seed: int = 0, progress: bool = False) -> None:
         self.plan = plan
+        self.seed = seed
         self.device = device
         self.max_shard_bytes = max_shard_bytes
         self.progress = progress
@@ -102,7 +103,8 @@ class Executor:
         method = get_method(task.method)
         try:
             result = method.kernel(MergeInputs(tensors=tensors, model_params=task.model_params,
-                                               params=task.params, base=base))
+                                               params=task.params, base=base, seed=self.seed,
+                                               tensor_name=task.output))
         except FusekitError as exc:
             raise type(exc)(f"tensor '{task.output}': {exc}") from None
         return result.to(dtype=task.out_dtype).cpu().contiguous()
