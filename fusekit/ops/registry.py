@@ -77,8 +77,9 @@ class MergeMethod:
         kernel: the tensor function.
         model_params: pydantic model of parameters given per input model.
         method_params: pydantic model of parameters shared by all models.
-        base: whether the method needs ``base_model`` (it then gets the base separately and the
-            others as ``tensors``), can use one, or ignores it.
+        base: whether the method needs ``base_model``, can use one, or ignores it. For
+            "required" and "optional" the base's tensor comes as ``MergeInputs.base`` and the other
+            models as ``tensors``; for "unused" a listed base is just one more entry of ``tensors``.
         min_models / max_models: bounds on ``len(tensors)``.
         summary: one line for the README and ``--help``.
         stochastic: whether the kernel draws random numbers (then the run's seed matters).

@@ -216,8 +216,8 @@ class PlanBuilder:
         scope = self._scope(out_slice)
         base = None
         contributing = list(zip([s for s, _ in inputs], infos, strict=True))
-        if self.method.base == "required":
-            base = next(info for s, info in contributing if s.model == out_slice.base)
+        if self.method.base != "unused" and out_slice.base is not None:
+            base = next((info for s, info in contributing if s.model == out_slice.base), None)
             contributing = [(s, info) for s, info in contributing if s.model != out_slice.base]
         model_params = tuple(self._model_params(scope, s.model, info.name, t) for s, info in contributing)
         params = self._resolve(self.method.method_params, scope, output, t, None, output)

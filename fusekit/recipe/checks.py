@@ -111,14 +111,16 @@ def _check_models(method: MergeMethod, recipe: MergeRecipe) -> list[Problem]:
         groups.append((("slices", i, "sources"), [s.model for s in out_slice.sources],
                        out_slice.base_model or recipe.base_model))
     for loc, refs, base in groups:
-        count = len([r for r in refs if r != base]) if method.base == "required" else len(refs)
-        problems.extend(_count_problem(method, loc, count))
+        separate_base = method.base != "unused" and base is not None
+        count = len([r for r in refs if r != base]) if separate_base else len(refs)
+        problems.extend(_count_problem(method, loc, count, separate_base))
     return problems
 
 
-def _count_problem(method: MergeMethod, loc: Location, count: int) -> list[Problem]:
+def _count_problem(method: MergeMethod, loc: Location, count: int,
+                   separate_base: bool) -> list[Problem]:
     low, high = method.min_models, method.max_models
-    what = "models besides the base" if method.base == "required" else "models"
+    what = "models besides the base" if separate_base else "models"
     if count < low:
         return [(loc, f"{method.name} needs at least {low} {what}, got {count}")]
     if high is not None and count > high:

@@ -1,0 +1,1 @@
+"""Merge operators: arcee_fusion (being written)."""

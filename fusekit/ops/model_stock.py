@@ -1,0 +1,1 @@
+"""Merge operators: model_stock (being written)."""

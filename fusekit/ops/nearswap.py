@@ -1,0 +1,1 @@
+"""Merge operators: nearswap (being written)."""

@@ -1,0 +1,1 @@
+"""Merge operators: ram (being written)."""

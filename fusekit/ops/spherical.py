@@ -1,0 +1,1 @@
+"""Merge operators: spherical (being written)."""
