@@ -61,6 +61,8 @@ RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe (mergekit's format 
                                            show_default=False)]
 ShardSizeOpt = Annotated[str, typer.Option("--out-shard-size", help="Largest output shard: 500MB, "
                                            "2GB, 1GiB; 5B means 5 billion bytes as in mergekit.")]
+MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Bound on resident memory, e.g. "
+                                           "1GB, 512MB; large tensors are merged in row blocks.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt checkpoints "
                                          "(loaded weights-only). Only for files you trust.")]
 
@@ -87,12 +89,15 @@ def merge(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty "
                                             "output folder.")] = False,
     out_shard_size: ShardSizeOpt = "5GB",
+    max_memory: MaxMemoryOpt = "1GB",
     device: Annotated[Device, typer.Option("--device", help="Where the arithmetic runs.")] = Device.cpu,
     allow_pickle: PickleOpt = False,
     copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer",
                                                  help="Copy the tokenizer files.")] = True,
     random_seed: Annotated[int | None, typer.Option("--random-seed", help="Seed for stochastic "
                                                     "methods; picked and recorded when absent.")] = None,
+    sequential: Annotated[bool, typer.Option("--sequential", help="Read, merge and write on one "
+                                             "thread (same bytes, slower).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     output_format: Annotated[Format, typer.Option("--format", help="Summary as text or json.")] = Format.text,
 ) -> None:
@@ -103,6 +108,7 @@ def merge(
     result = run_merge(recipe, out_dir, overwrite=overwrite, out_shard_size=parse_size(out_shard_size),
                        device=device.value, allow_pickle=allow_pickle,
                        copy_tokenizer_files=copy_tokenizer, random_seed=random_seed,
+                       max_memory=parse_size(max_memory), pipelined=not sequential,
                        progress=not quiet and sys.stderr.isatty() and not os.environ.get("CI"))
     stats = result.stats
     if output_format is Format.json:
@@ -124,23 +130,21 @@ def plan(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="One line per tensor.")] = False,
     output_format: Annotated[Format, typer.Option("--format", help="text or json.")] = Format.text,
     out_shard_size: ShardSizeOpt = "5GB",
+    max_memory: MaxMemoryOpt = "1GB",
     allow_pickle: PickleOpt = False,
 ) -> None:
     """Dry run: check a recipe and show what would be read, computed and written (no tensor data
     is read)."""
     from fusekit.merging import plan as build
-    from fusekit.plan.executor import peak_rss_bytes
     from fusekit.plan.report import format_plan, plan_summary
 
     merge_plan = build(recipe, allow_pickle=allow_pickle)
-    shard = parse_size(out_shard_size)
+    limits = {"max_shard_bytes": parse_size(out_shard_size), "max_memory": parse_size(max_memory)}
     if output_format is Format.json:
-        summary: dict[str, Any] = plan_summary(merge_plan, baseline_rss=peak_rss_bytes(),
-                                               max_shard_bytes=shard)
+        summary: dict[str, Any] = plan_summary(merge_plan, **limits)
         typer.echo(json.dumps(summary, indent=2))
     else:
-        typer.echo(format_plan(merge_plan, baseline_rss=peak_rss_bytes(), max_shard_bytes=shard,
-                               verbose=verbose))
+        typer.echo(format_plan(merge_plan, verbose=verbose, **limits))
 
 
 class Terminated(KeyboardInterrupt):

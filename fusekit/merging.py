@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fusekit.io.card import model_card
@@ -16,6 +16,7 @@ from fusekit.recipe import MergeRecipe, load_merge_recipe
 from fusekit.recipe.load import read_recipe_text
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
+DEFAULT_MAX_MEMORY = 10**9
 log = logging.getLogger("fusekit")
 RECIPE_COPY = "mergekit_config.yml"  # the name Hub tooling looks for, so merges are recognised
 
@@ -40,7 +41,8 @@ def plan(recipe: str | Path, *, allow_pickle: bool = False) -> Plan:
 def merge(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
           out_shard_size: int | None = DEFAULT_SHARD_BYTES, device: str = "cpu",
           allow_pickle: bool = False, copy_tokenizer_files: bool = True,
-          random_seed: int | None = None, progress: bool = False) -> MergeResult:
+          random_seed: int | None = None, max_memory: int | None = DEFAULT_MAX_MEMORY,
+          pipelined: bool = True, progress: bool = False) -> MergeResult:
     """Merge the models a recipe names and write a transformers-loadable model to ``out_dir``.
 
     Args:
@@ -53,6 +55,10 @@ def merge(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
         copy_tokenizer_files: copy the tokenizer of ``tokenizer_source`` (default: the base).
         random_seed: seed for stochastic methods (DARE, DELLA, ...); None picks one, which is
             logged and written to the model card so the run can be repeated.
+        max_memory: bound on the process's resident memory in bytes (None: one tensor at a
+            time, unbounded); tensors of elementwise methods are split into row blocks to fit.
+        pipelined: overlap reading, arithmetic and writing on separate threads (the sequential
+            mode gives the same bytes).
         progress: show a progress bar on stderr.
 
     Example:
@@ -63,11 +69,12 @@ def merge(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
     merge_plan = plan(recipe, allow_pickle=allow_pickle)
     seed = pick_seed(random_seed, stochastic=get_method(merge_plan.recipe.merge_method).stochastic)
     executor = Executor(merge_plan, device=resolve_device(device), max_shard_bytes=out_shard_size,
-                        seed=seed, progress=progress)
+                        seed=seed, max_memory=max_memory, pipelined=pipelined, progress=progress)
     with atomic_output(out_dir, overwrite=overwrite) as temp:
         stats = executor.run(temp)
         write_side_files(merge_plan, temp, name=out_dir.name, tokenizer=copy_tokenizer_files,
                          seed=seed)
+    stats = replace(stats, files=tuple(out_dir / f.name for f in stats.files))
     return MergeResult(out_dir=out_dir, plan=merge_plan, stats=stats, seed=seed)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,11 @@ SIZES = {  # hidden, layers, intermediate, heads, kv heads, vocab
     "0.5b": (1536, 12, 4096, 12, 4, 32000),
     "1b": (2048, 16, 5632, 16, 8, 32000),
     "2b": (2560, 24, 6912, 20, 4, 32000),
+}
+MODES = {  # label -> extra `fusekit merge` arguments
+    "pipelined": (),
+    "sequential": ("--sequential",),
+    "512MB": ("--max-memory", "512MB"),
 }
 RECIPES = {
     "linear": """merge_method: linear
@@ -97,20 +101,43 @@ def measure_floor(recipe_path: Path, out_file: Path) -> dict[str, float]:
             "floor": read_s + compute_s + write_s}
 
 
-def run_fusekit(recipe_path: Path, out_dir: Path) -> dict[str, float]:
-    """Run ``fusekit merge`` in a fresh process; its wall time, internal time and peak RSS."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def _anon_kib(pid: int) -> int:
+    """RssAnon of a live process in KiB (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def run_fusekit(recipe_path: Path, out_dir: Path, *extra: str) -> dict[str, float]:
+    """Run ``fusekit merge`` in a fresh process: wall time, its own merge time, peak resident
+    memory (from the process) and peak anonymous memory (sampled every 10 ms from outside)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fusekit", "merge", str(recipe_path),
-                           str(out_dir), "--overwrite", "--format", "json"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.Popen([sys.executable, "-m", "fusekit", "merge", str(recipe_path),
+                             str(out_dir), "--overwrite", "--format", "json", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_anon = 0
+    while proc.poll() is None:
+        peak_anon = max(peak_anon, _anon_kib(proc.pid))
+        time.sleep(0.01)
     wall = time.perf_counter() - start
+    stdout, stderr = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"fusekit merge failed: {proc.stderr.strip()}")
-    stats = json.loads(proc.stdout)
-    child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        raise SystemExit(f"fusekit merge failed: {stderr.strip()}")
+    stats = json.loads(stdout)
     return {"wall": wall, "merge": stats["seconds"], "peak_rss": stats["peak_rss_bytes"],
-            "child_peak": max(child_peak, before * 1024)}
+            "peak_anon": peak_anon * 1024}
+
+
+def plan_estimate(recipe_path: Path, *extra: str) -> int:
+    """``fusekit plan``'s peak-memory estimate for the same recipe and limits."""
+    proc = subprocess.run([sys.executable, "-m", "fusekit", "plan", str(recipe_path), "--format",
+                           "json", *extra], capture_output=True, text=True, check=True)
+    return int(json.loads(proc.stdout)["peak_memory_bytes"])
 
 
 def main() -> None:
@@ -122,20 +149,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     models = build_models(args.workdir, args.size)
-    print(f"{'method':<16}{'fusekit s':>10}{'in-merge s':>11}{'floor s':>9}{'read':>7}{'math':>7}"
-          f"{'write':>7}{'ratio':>7}{'peak RSS':>10}")
+    print(f"{'method':<14}{'mode':<12}{'fusekit s':>10}{'merge s':>9}{'floor s':>9}{'read':>7}"
+          f"{'math':>7}{'write':>7}{'ratio':>7}{'peak RSS':>10}{'anon':>8}{'plan est':>10}")
     for method in args.methods:
         recipe_path = args.workdir / f"{method}.yaml"
         recipe_path.write_text(RECIPES[method].format(**{k: str(v) for k, v in models.items()}))
         floors = [measure_floor(recipe_path, args.workdir / "floor.bin") for _ in range(args.repeat)]
-        runs = [run_fusekit(recipe_path, args.workdir / f"out-{method}") for _ in range(args.repeat)]
         floor = min(floors, key=lambda f: f["floor"])
-        run = min(runs, key=lambda r: r["wall"])
-        print(f"{method:<16}{run['wall']:>10.2f}{run['merge']:>11.2f}{floor['floor']:>9.2f}"
-              f"{floor['read']:>7.2f}{floor['compute']:>7.2f}{floor['write']:>7.2f}"
-              f"{run['merge'] / floor['floor']:>7.2f}{run['peak_rss'] / 2**30:>9.2f}G")
-    print("ratio = fusekit's own merge time / (read + math + write floor), same run; "
-          "fusekit s includes Python start-up and imports", file=sys.stderr)
+        for mode, extra in MODES.items():
+            runs = [run_fusekit(recipe_path, args.workdir / f"out-{method}", *extra)
+                    for _ in range(args.repeat)]
+            run = min(runs, key=lambda r: r["merge"])
+            estimate = plan_estimate(recipe_path, *[e for e in extra if e != "--sequential"])
+            print(f"{method:<14}{mode:<12}{run['wall']:>10.2f}{run['merge']:>9.2f}"
+                  f"{floor['floor']:>9.2f}{floor['read']:>7.2f}{floor['compute']:>7.2f}"
+                  f"{floor['write']:>7.2f}{run['merge'] / floor['floor']:>7.2f}"
+                  f"{run['peak_rss'] / 2**30:>9.2f}G{run['peak_anon'] / 2**30:>7.2f}G"
+                  f"{estimate / 2**30:>9.2f}G")
+    print("ratio = fusekit's merge time / (read + math + write floor) measured in the same run; "
+          "'fusekit s' adds Python start-up and imports; anon = peak anonymous memory sampled "
+          "every 10 ms; plan est = fusekit plan's peak-memory estimate", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -156,23 +156,31 @@ class CheckpointReader:
                 f"tensor '{name}' is missing from model '{self.model.ref}'; the models do not "
                 "share an architecture (check the model paths)") from None
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory (CPU)."""
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor, or rows ``[start, stop)`` of it, into memory (CPU)."""
         info = self.info(name)
         if self.model.is_pickle:
-            return self._load_pickle(info.file)[name]
+            tensor = self._load_pickle(info.file)[name]
+            return tensor if rows is None else tensor[rows[0]:rows[1]]
+        shape, offset = info.shape, info.offset
+        if rows is not None:
+            row_bytes = info.nbytes // shape[0] if shape[0] else 0
+            shape, offset = (rows[1] - rows[0], *shape[1:]), offset + rows[0] * row_bytes
+        tensor = torch.empty(shape, dtype=info.dtype)
+        self._read_into(info, tensor_bytes(tensor), offset)
+        return tensor
+
+    def _read_into(self, info: TensorInfo, view: memoryview, offset: int) -> None:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        tensor = torch.empty(info.shape, dtype=info.dtype)
-        view, done = tensor_bytes(tensor), 0
+        done = 0
         while done < len(view):
-            count = os.preadv(fd, [view[done:]], info.offset + done)
+            count = os.preadv(fd, [view[done:]], offset + done)
             if count == 0:
-                raise CheckpointError(f"{info.file}: ends inside tensor '{name}'; the file was "
-                                      "truncated after it was opened")
+                raise CheckpointError(f"{info.file}: ends inside tensor '{info.name}'; the file "
+                                      "was truncated after it was opened")
             done += count
-        return tensor
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -9,6 +9,7 @@ Pickle checkpoints (``.bin``, ``.pt``) are refused unless explicitly allowed.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,9 @@ def resolve_model(ref: str, *, allow_pickle: bool = False) -> ResolvedModel:
     repo_id, revision = split_revision(ref)
     if _HUB_ID.match(repo_id) and not ref.startswith((".", "/", "~")):
         folder, commit = _download(repo_id, revision)
-        resolved = _resolve_local(ref, folder, allow_pickle=allow_pickle)
+        # Cache snapshots hold symlinks into the repo's blobs/ folder, two levels up.
+        resolved = _resolve_local(ref, folder, allow_pickle=allow_pickle,
+                                  link_root=folder.parent.parent)
         return ResolvedModel(ref, resolved.folder, resolved.weight_files, resolved.index,
                              hub_id=repo_id, revision=commit)
     raise CheckpointNotFoundError(
@@ -75,7 +78,8 @@ def resolve_model(ref: str, *, allow_pickle: bool = False) -> ResolvedModel:
         f"the current folder, {Path.cwd()})")
 
 
-def _resolve_local(ref: str, path: Path, *, allow_pickle: bool) -> ResolvedModel:
+def _resolve_local(ref: str, path: Path, *, allow_pickle: bool,
+                   link_root: Path | None = None) -> ResolvedModel:
     if path.is_file():
         if path.suffix == ".safetensors":
             return ResolvedModel(ref, path.parent, (path,))
@@ -87,7 +91,7 @@ def _resolve_local(ref: str, path: Path, *, allow_pickle: bool) -> ResolvedModel
         if (path / index_name).is_file():
             if index_name == PICKLE_INDEX:
                 _refuse_pickle(ref, allow_pickle)
-            index = read_index(ref, path, path / index_name)
+            index = read_index(ref, path, path / index_name, link_root=link_root)
             files = tuple(dict.fromkeys(index.values()))
             return ResolvedModel(ref, path, files, index)
     safetensors = sorted(path.glob("*.safetensors"))
@@ -107,8 +111,13 @@ def _refuse_pickle(ref: str, allow_pickle: bool) -> None:
             "convert it to safetensors, or pass --allow-pickle if you trust its source")
 
 
-def read_index(ref: str, folder: Path, index_path: Path) -> dict[str, Path]:
-    """Tensor name → shard file from an index json; shards must stay inside ``folder``."""
+def read_index(ref: str, folder: Path, index_path: Path, *,
+               link_root: Path | None = None) -> dict[str, Path]:
+    """Tensor name → shard file from an index json.
+
+    Shard names must be plain names inside ``folder``; a shard that is a symlink must point inside
+    ``link_root`` (default: ``folder`` itself), so an index cannot make fusekit read other files.
+    """
     try:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
@@ -116,28 +125,30 @@ def read_index(ref: str, folder: Path, index_path: Path) -> dict[str, Path]:
     except (ValueError, KeyError, TypeError):
         raise CheckpointError(f"model '{ref}': {index_path} is not a valid index "
                               "(expected JSON with a 'weight_map' object)") from None
-    root = folder.resolve()
     files: dict[str, Path] = {}
     shard_paths: dict[str, Path] = {}
     for tensor, shard in weight_map.items():
         if shard not in shard_paths:
-            shard_paths[shard] = _shard_path(ref, root, index_path, shard)
+            shard_paths[shard] = _shard_path(ref, folder, index_path, shard, link_root or folder)
         files[tensor] = shard_paths[shard]
     return files
 
 
-def _shard_path(ref: str, root: Path, index_path: Path, shard: object) -> Path:
+def _shard_path(ref: str, folder: Path, index_path: Path, shard: object, link_root: Path) -> Path:
+    outside = CheckpointError(f"model '{ref}': {index_path.name} points outside its folder "
+                              f"({shard!r}); refusing to read it")
     if not isinstance(shard, str) or not shard or Path(shard).is_absolute():
         raise CheckpointError(f"model '{ref}': {index_path.name} names shard {shard!r}, which is "
                               "not a file name inside the model folder")
-    target = (root / shard).resolve()
-    if not target.is_relative_to(root):
-        raise CheckpointError(f"model '{ref}': {index_path.name} points outside its folder "
-                              f"({shard!r}); refusing to read it")
-    if not target.is_file():
+    path = folder / shard
+    if os.path.normpath(shard).startswith(".."):
+        raise outside
+    if not path.resolve().is_relative_to(link_root.resolve()):
+        raise outside
+    if not path.is_file():
         raise CheckpointNotFoundError(f"model '{ref}': shard {shard} listed in {index_path.name} "
                                       "is missing; download the model again")
-    return target
+    return path
 
 
 def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -57,7 +58,8 @@ class ShardWriter:
         self._specs = {spec.name: spec for spec in specs}
         self._where: dict[str, tuple[int, int]] = {}
         self._fds: list[int] = []
-        self._pending = set(self._specs)
+        self._remaining = {spec.name: spec.nbytes for spec in specs}
+        self._lock = threading.Lock()
         self._index_metadata = dict(index_metadata or {})
         for number, (name, shard) in enumerate(zip(self.file_names, self._shards, strict=True)):
             header, offsets = encode_header(shard, metadata)
@@ -71,27 +73,36 @@ class ShardWriter:
                 raise write_error(path, exc) from None
             self._where.update({n: (number, off) for n, off in offsets.items()})
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor (CPU, the planned shape and dtype)."""
+    def write(self, name: str, tensor: torch.Tensor, *, first_row: int = 0) -> None:
+        """Write a planned tensor, or the block of its rows starting at ``first_row``.
+
+        The tensor must be on the CPU with the planned dtype and trailing dimensions; blocks may
+        arrive in any order and from any thread.
+        """
         spec = self._specs[name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
-                               f"planned {spec.shape} {spec.dtype}")
+        rows_ok = (tensor.dim() == len(spec.shape) and tuple(tensor.shape[1:]) == spec.shape[1:]
+                   and (tensor.dim() == 0 or first_row + tensor.shape[0] <= spec.shape[0]))
+        if not rows_ok or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype} at row "
+                               f"{first_row}, planned {spec.shape} {spec.dtype}")
         number, offset = self._where[name]
+        row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
         data = tensor_bytes(tensor.contiguous())
-        done = 0
+        start, done = offset + first_row * row_bytes, 0
         try:
             while done < len(data):
-                done += os.pwrite(self._fds[number], data[done:], offset + done)
+                done += os.pwrite(self._fds[number], data[done:], start + done)
         except OSError as exc:
             raise write_error(self.folder / self.file_names[number], exc) from None
-        self._pending.discard(name)
+        with self._lock:
+            self._remaining[name] -= len(data)
 
     def finish(self) -> list[Path]:
         """Check every tensor was written, flush, write the index; return the shard paths."""
-        if self._pending:
-            raise RuntimeError(f"{len(self._pending)} planned tensors were never written, "
-                               f"e.g. {sorted(self._pending)[0]}")
+        missing = sorted(name for name, left in self._remaining.items() if left)
+        if missing:
+            raise RuntimeError(f"{len(missing)} planned tensors were not fully written, "
+                               f"e.g. {missing[0]}")
         try:
             for fd in self._fds:
                 os.fsync(fd)

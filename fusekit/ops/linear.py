@@ -22,7 +22,7 @@ class LinearParams(Params):
 
 
 @register("linear", model_params=LinearModelParams, method_params=LinearParams,
-          summary="weighted average of the models' weights (model soup)")
+          summary="weighted average of the models' weights (model soup)", elementwise=True)
 def linear(inputs: MergeInputs) -> torch.Tensor:
     """``Σ w_i θ_i`` (÷ ``Σ w_i`` when normalize).
 
@@ -34,7 +34,7 @@ def linear(inputs: MergeInputs) -> torch.Tensor:
     weights = torch.tensor([p.weight for p in inputs.model_params],  # type: ignore[attr-defined]
                            dtype=acc_dtype, device=first.device)
     # 0 + x·w == x·w exactly, so starting from the first product skips a zero-filled pass.
-    merged = torch.mul(first, weights[0])
+    merged = first.to(acc_dtype) * weights[0]
     for tensor, weight in zip(inputs.tensors[1:], weights[1:], strict=True):
         merged.addcmul_(tensor, weight)
     if inputs.params.normalize:  # type: ignore[attr-defined]

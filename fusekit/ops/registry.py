@@ -83,6 +83,9 @@ class MergeMethod:
         min_models / max_models: bounds on ``len(tensors)``.
         summary: one line for the README and ``--help``.
         stochastic: whether the kernel draws random numbers (then the run's seed matters).
+        elementwise: whether the kernel treats every element on its own, so that running it on
+            blocks of rows gives exactly the bytes of one call on the whole tensor; the executor
+            then splits tensors too large for the memory budget.
     """
 
     name: str
@@ -94,6 +97,7 @@ class MergeMethod:
     max_models: int | None
     summary: str
     stochastic: bool = False
+    elementwise: bool = False
 
     def parameter_names(self) -> dict[str, str]:
         """Every accepted parameter name (YAML spelling) → ``"model"`` or ``"method"``."""
@@ -113,14 +117,15 @@ _METHODS: dict[str, MergeMethod] = {}
 def register(name: str, *, model_params: type[Params] = NoParams,
              method_params: type[Params] = NoParams, base: BaseUse = "unused",
              min_models: int = 1, max_models: int | None = None,
-             summary: str, stochastic: bool = False) -> Callable[[Kernel], Kernel]:
+             summary: str, stochastic: bool = False,
+             elementwise: bool = False) -> Callable[[Kernel], Kernel]:
     """Decorator registering ``kernel`` under ``name``; a duplicate name is a bug and raises."""
 
     def add(kernel: Kernel) -> Kernel:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
         _METHODS[name] = MergeMethod(name, kernel, model_params, method_params, base,
-                                     min_models, max_models, summary, stochastic)
+                                     min_models, max_models, summary, stochastic, elementwise)
         return kernel
 
     return add

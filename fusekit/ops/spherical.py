@@ -1,1 +1,319 @@
-"""Merge operators: spherical (being written)."""
+"""Spherical merges: interpolate along great circles instead of straight lines.
+
+* ``slerp`` — Shoemake, "Animating rotation with quaternion curves" (SIGGRAPH 1985): with
+  ``cos Ω = <a/‖a‖, b/‖b‖>``, ``slerp(t; a, b) = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b``, from
+  the base ``a`` (t = 0) to the other model ``b`` (t = 1); nearly colinear pairs fall back to
+  ``(1−t)·a + t·b``.
+* ``nuslerp`` — the same formula for two models with ``t = w_2 / (w_1 + w_2)``, per row, per column or
+  over the flattened tensor, on task vectors when a base is given (mergekit's "NuSLERP").
+* ``multislerp`` — barycentric interpolation of any number of models on the hypersphere by one step
+  in the tangent space at their weighted mean (Goddard, "multislerp",
+  https://goddard.blog/posts/multislerp-wow-what-a-cool-idea).
+* ``karcher`` — the Riemannian (Karcher / Fréchet) mean of the models' directions on the unit sphere
+  (Karcher, "Riemannian center of mass and mollifier smoothing", 1977; Buss & Fillmore, "Spherical
+  averages and applications to spherical splines and interpolation", 2001), rescaled by the mean norm.
+
+Every kernel reproduces mergekit 0.1.5 operation for operation, including its working precision:
+``slerp`` measures angles in float32 (float64 for float64 inputs) and rounds once to the compute
+dtype; ``nuslerp`` and ``multislerp`` run entirely in the compute dtype (bf16 stays bf16);
+``karcher`` takes norms in float32 and keeps directions in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from fusekit.errors import RecipeError
+from fusekit.ops.registry import MergeInputs, Params, register
+
+SLERP_DOT_THRESHOLD = 0.9995  # |cos Ω| above this → linear interpolation
+SLERP_EPS = 1e-8  # norms at or below this count as 1
+SLERP_CHUNK = 1 << 20  # elements per reduction chunk; fixes the float32 summation order
+NUSLERP_EPS = 1e-8  # colinear when 1 − cos²Ω ≤ eps²
+NUSLERP_NORM_FLOOR = 1e-7  # smallest norm a vector is divided by
+NUSLERP_ZERO_WEIGHTS = 1e-6  # |w_1 + w_2| below this → t = 0.5
+
+
+def _work_dtype(like: torch.Tensor) -> torch.dtype:
+    """float64 for float64 inputs, float32 for everything else."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
+# -- slerp ----------------------------------------------------------------------------------------
+
+
+class SlerpParams(Params):
+    t: float = Field(description="position on the arc: 0 gives the base, 1 the other model")
+
+
+def _chunked_norm(rows: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """‖row‖ for each row of ``rows`` (n, numel), as the norm of per-chunk norms → (n, 1)."""
+    parts = [torch.linalg.vector_norm(rows[:, s:s + SLERP_CHUNK].to(work), dim=1, keepdim=True)
+             for s in range(0, rows.shape[1], SLERP_CHUNK)]
+    return torch.linalg.vector_norm(torch.stack(parts), dim=0)  # (n, 1)
+
+
+def _chunked_cosine(a: torch.Tensor, b: torch.Tensor, norm_a: torch.Tensor,
+                    norm_b: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """cos Ω per row, summing chunk by chunk of the normalised rows → (n, 1), clamped to [−1, 1]."""
+    parts = []
+    for s in range(0, a.shape[1], SLERP_CHUNK):
+        x = a[:, s:s + SLERP_CHUNK].to(work) / norm_a
+        y = b[:, s:s + SLERP_CHUNK].to(work) / norm_b
+        parts.append((x * y).sum(dim=1, keepdim=True))
+    return torch.stack(parts).sum(dim=0).clamp(-1, 1)
+
+
+def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from ``v0`` (t = 0) to ``v1`` (t = 1) over the whole tensor.
+
+    ``cos Ω = <v0/‖v0‖, v1/‖v1‖>`` (a norm ≤ 1e-8 counts as 1); when ``|cos Ω| > 0.9995`` the result
+    is ``(1−t)·v0 + t·v1``, else ``sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1``. The vectors keep
+    their lengths: only the coefficients come from the angle. Arithmetic in float32 (float64 for
+    float64 inputs), rounded once to ``v0.dtype``.
+    """
+    work = _work_dtype(v0)
+    a = v0.reshape(1, -1)  # (1, numel)
+    b = v1.reshape(1, -1)  # (1, numel)
+    t_col = torch.tensor([t], dtype=work, device=v0.device).reshape(-1, 1)  # (1, 1)
+    if a.shape[1] == 0:
+        return ((1 - t_col) * a + t_col * b).reshape(v0.shape).to(v0.dtype)
+    norm_a, norm_b = _chunked_norm(a, work), _chunked_norm(b, work)
+    norm_a = torch.where(norm_a > SLERP_EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > SLERP_EPS, norm_b, 1)
+    cos = _chunked_cosine(a, b, norm_a, norm_b, work)  # (1, 1)
+    linear = cos.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, cos))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - t_col, torch.sin((1 - t_col) * theta) / sin_theta)
+    coef_b = torch.where(linear, t_col, torch.sin(t_col * theta) / sin_theta)
+    result = torch.empty_like(a)
+    for s in range(0, a.shape[1], SLERP_CHUNK):
+        x = a[:, s:s + SLERP_CHUNK].to(work)
+        y = b[:, s:s + SLERP_CHUNK].to(work)
+        result[:, s:s + SLERP_CHUNK] = coef_a * x + coef_b * y
+    return result.reshape(v0.shape)
+
+
+@register("slerp", method_params=SlerpParams, base="required", min_models=1, max_models=1,
+          summary="spherical interpolation between the base (t=0) and one other model (t=1)")
+def slerp(inputs: MergeInputs) -> torch.Tensor:
+    """SLERP from the base to the one other model; see :func:`slerp_tensors`."""
+    assert inputs.base is not None
+    return slerp_tensors(inputs.params.t, inputs.base, inputs.tensors[0])  # type: ignore[attr-defined]
+
+
+# -- nuslerp --------------------------------------------------------------------------------------
+
+
+class WeightModelParams(Params):
+    weight: float = Field(description="this model's weight")
+
+
+class NuslerpParams(Params):
+    nuslerp_flatten: bool = Field(True, description="treat the whole tensor as one vector")
+    nuslerp_row_wise: bool = Field(False, description="when not flattened, slerp the vectors "
+                                   "along dim 0 (columns) instead of the last dim (rows)")
+
+
+def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool,
+                    row_wise: bool) -> torch.Tensor:
+    """Slerp per vector: the flattened tensor, each row (last dim), or each column (``row_wise``).
+
+    Vectors are normalised by ``max(‖v‖, 1e-7)``; a pair with ``1 − cos²Ω ≤ 1e-16`` is interpolated
+    linearly. Runs in the inputs' dtype. ``flatten`` wins over ``row_wise``.
+    """
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)  # (numel,)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)  # vectors along the original dim 0
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_FLOOR)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_FLOOR)
+    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)  # (..., 1)
+    colinear = (1 - cos.square()) <= NUSLERP_EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    sin_theta = torch.sin(theta)
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+@register("nuslerp", model_params=WeightModelParams, method_params=NuslerpParams,
+          base="optional", min_models=2, max_models=2,
+          summary="slerp of two models (or their task vectors) with t = w2 / (w1 + w2)")
+def nuslerp(inputs: MergeInputs) -> torch.Tensor:
+    """``slerp(t; θ_1, θ_2)`` with ``t = w_2/(w_1+w_2)`` (0.5 when ``|w_1+w_2| < 1e-6``).
+
+    With a base: ``θ_base + slerp(t; θ_1 − θ_base, θ_2 − θ_base)``.
+    """
+    w1, w2 = (p.weight for p in inputs.model_params)  # type: ignore[attr-defined]
+    total = w1 + w2
+    t = 0.5 if abs(total) < NUSLERP_ZERO_WEIGHTS else w2 / total
+    first, second = inputs.tensors
+    flatten = inputs.params.nuslerp_flatten  # type: ignore[attr-defined]
+    row_wise = inputs.params.nuslerp_row_wise  # type: ignore[attr-defined]
+    if inputs.base is None:
+        return nuslerp_tensors(t, first, second, flatten=flatten, row_wise=row_wise)
+    base = inputs.base
+    return base + nuslerp_tensors(t, first - base, second - base, flatten=flatten,
+                                  row_wise=row_wise)
+
+
+# -- multislerp -----------------------------------------------------------------------------------
+
+
+class MultislerpParams(Params):
+    normalize_weights: bool = Field(True, description="divide the weights by their sum")
+    eps: float = Field(1e-8, description="added to norms before dividing by them")
+
+
+def _multislerp_weights(weights: list[float], like: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The weights in the inputs' dtype, divided by their sum when ``normalize``."""
+    column = torch.tensor(weights, dtype=like.dtype, device=like.device)  # (n_models,)
+    if not normalize:
+        return column
+    total = column.sum()
+    if float(total) == 0.0:
+        raise RecipeError(f"multislerp: the weights {weights} sum to 0, so they cannot be "
+                          "normalized; change a weight or set normalize_weights: false")
+    return column / total
+
+
+def _exp_map(mean: torch.Tensor, tangent: torch.Tensor, eps: float) -> torch.Tensor:
+    """The point reached from ``mean`` along ``tangent``: ``cos‖v‖·m + sin‖v‖/‖v‖·v``."""
+    length = torch.norm(tangent) + eps
+    return mean * torch.cos(length) + tangent * (torch.sin(length) / length)
+
+
+def multislerp_tensors(tensors: torch.Tensor, weights: torch.Tensor,
+                       eps: float) -> torch.Tensor:
+    """Barycentric spherical interpolation of the rows of ``tensors`` (n_models, *shape).
+
+    ``u_i = x_i/(‖x_i‖+ε)``, ``m = Σ w_i u_i / ‖Σ w_i u_i‖``, tangent ``v = Σ w_i (u_i − <u_i,m> m)``,
+    result ``(Σ w_i ‖x_i‖) · (cos‖v‖·m + sin‖v‖/‖v‖·v)`` with ``‖v‖ + ε`` for ``‖v‖``. When the
+    weighted mean of the directions vanishes, two models are averaged linearly; more raise.
+    """
+    flat = tensors.view(tensors.shape[0], -1)  # (n_models, numel)
+    column = weights.view(-1, 1)  # (n_models, 1)
+    norms = torch.norm(flat, dim=-1, keepdim=True)  # (n_models, 1)
+    units = flat / (norms + eps)
+    mean = (units * column).sum(0)  # (numel,)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if tensors.shape[0] == 2:
+            return (tensors[0] * weights[0] + tensors[1] * weights[1]).view(tensors.shape[1:])
+        raise RecipeError("multislerp: the weighted directions cancel out (e.g. a model and its "
+                          "negation with equal weights), so they have no spherical mean; "
+                          "change the weights")
+    mean = mean / mean_norm
+    dots = (units * mean).sum(-1, keepdim=True)  # (n_models, 1)
+    tangent = ((units - dots * mean) * column).sum(0)  # (numel,)
+    result = _exp_map(mean, tangent, eps) * (norms.squeeze(-1) * weights).sum()
+    return result.view(tensors.shape[1:])
+
+
+@register("multislerp", model_params=WeightModelParams, method_params=MultislerpParams,
+          base="optional", min_models=1,
+          summary="weighted spherical interpolation of any number of models (or task vectors)")
+def multislerp(inputs: MergeInputs) -> torch.Tensor:
+    """See :func:`multislerp_tensors`; with a base, on task vectors ``θ_i − θ_base``, then + base.
+
+    A single model is returned as it is (even with a base). Runs in the compute dtype.
+    """
+    if len(inputs.tensors) == 1:
+        return inputs.tensors[0]
+    stacked = torch.stack(list(inputs.tensors))  # (n_models, *shape)
+    if inputs.base is not None:
+        stacked -= inputs.base
+    params = inputs.params
+    weights = _multislerp_weights([p.weight for p in inputs.model_params],  # type: ignore[attr-defined]
+                                  stacked, params.normalize_weights)  # type: ignore[attr-defined]
+    result = multislerp_tensors(stacked, weights, params.eps)  # type: ignore[attr-defined]
+    return result if inputs.base is None else result + inputs.base
+
+
+# -- karcher --------------------------------------------------------------------------------------
+
+
+class KarcherParams(Params):
+    max_iter: int = Field(10, description="most Riemannian gradient steps")
+    tol: float = Field(1e-5, description="stop when the tangent step is shorter than this; "
+                       "norms at or below it count as zero")
+
+
+def _karcher_step(mean: torch.Tensor, units: list[torch.Tensor], alphas: list[float],
+                  tol: float) -> torch.Tensor:
+    """``Σ α_i · θ_i/sin θ_i · (u_i − cos θ_i · m)``: the log map of every direction, weighted."""
+    tangent = torch.zeros_like(mean)
+    for alpha, unit in zip(alphas, units, strict=True):
+        dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+        theta = torch.arccos(dot)
+        if theta.item() < tol:
+            continue
+        tangent += alpha * (theta / torch.sin(theta)) * (unit - dot * mean)
+    return tangent
+
+
+def _karcher_direction(units: list[torch.Tensor], alphas: list[float], *, max_iter: int,
+                       tol: float, work: torch.dtype) -> torch.Tensor:
+    """Fixed-point iteration for the weighted Karcher mean of unit vectors."""
+    mean = torch.zeros_like(units[0])
+    for alpha, unit in zip(alphas, units, strict=True):
+        mean += alpha * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(work))
+    mean = units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = _karcher_step(mean, units, alphas, tol)
+        length = torch.linalg.vector_norm(tangent.to(work))
+        if length.item() < tol:
+            break
+        mean = (torch.cos(length) * mean + torch.sin(length) * (tangent / length)).to(mean.dtype)
+        mean_norm = torch.linalg.vector_norm(mean.to(work))
+        if mean_norm.item() > tol:
+            mean = (mean / mean_norm).to(mean.dtype)
+    return mean
+
+
+def _unit(tensor: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``x/‖x‖`` in ``x``'s dtype; zeros for a zero tensor."""
+    if norm.item() == 0.0:
+        return torch.zeros_like(tensor)
+    return (tensor / norm).to(tensor.dtype)
+
+
+def karcher_tensors(tensors: list[torch.Tensor], *, max_iter: int, tol: float) -> torch.Tensor:
+    """Equal-weight Karcher mean of the directions, scaled by the mean of the norms.
+
+    ``argmin_m Σ_i α_i d(m, u_i)²`` on the unit sphere (``u_i = x_i/‖x_i‖``, ``α_i = 1/n``, geodesic
+    distance ``d``), found by at most ``max_iter`` steps ``m ← exp_m(Σ α_i log_m(u_i))`` from the
+    normalised Euclidean mean; models with ``‖x_i‖ ≤ tol`` are left out of the direction. Result:
+    ``(Σ_i α_i ‖x_i‖) · m``. Norms in float32 (float64 for float64), directions in the inputs' dtype.
+    """
+    if len(tensors) == 1:
+        return tensors[0]
+    work = _work_dtype(tensors[0])
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    norms = [torch.linalg.vector_norm(x.to(work)) for x in tensors]  # each a 0-d tensor
+    kept = [i for i, norm in enumerate(norms) if norm.item() > tol]
+    if not kept:
+        return sum((x * 0 for x in tensors), torch.zeros_like(tensors[0]))
+    total = sum(alphas[i] for i in kept)
+    direction = _karcher_direction([_unit(tensors[i], norms[i]) for i in kept],
+                                   [alphas[i] / total for i in kept],
+                                   max_iter=max_iter, tol=tol, work=work)
+    scale = sum((alpha * norm for alpha, norm in zip(alphas, norms, strict=True)),
+                torch.zeros((), dtype=work, device=tensors[0].device))
+    return scale * direction
+
+
+@register("karcher", method_params=KarcherParams, base="unused", min_models=1,
+          summary="Riemannian (Karcher) mean of the models on the hypersphere, mean norm restored")
+def karcher(inputs: MergeInputs) -> torch.Tensor:
+    """See :func:`karcher_tensors`; a listed base is just one more model."""
+    params = inputs.params
+    return karcher_tensors(list(inputs.tensors), max_iter=params.max_iter,  # type: ignore[attr-defined]
+                           tol=params.tol)  # type: ignore[attr-defined]

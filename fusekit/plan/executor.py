@@ -1,14 +1,23 @@
-"""Run a plan: read each task's inputs, apply the merge kernel, stream the result to the shards.
+"""Run a plan: read inputs, apply the merge kernel, stream results into the shards.
 
-Inputs are read one task at a time, so resident memory is bounded by the largest task (see
-``TensorTask.working_bytes``), not by model size. The kernel runs on the chosen device in the task's
-compute dtype; the result is cast to the output dtype on the device and copied back for writing.
+The work is cut into units (a whole tensor, or a block of rows of a large tensor whose method is
+elementwise). In the pipelined mode a reader thread prefetches the next units' inputs, the calling
+thread runs the kernels, and a writer thread writes results at their file offsets, so reading,
+arithmetic and writing overlap. Every unit reserves its working bytes from a budget
+(``--max-memory`` minus the process's own footprint) before it is read and frees them once written,
+which bounds resident memory whatever the model size. The sequential mode runs the same units in
+order on one thread; both give identical bytes.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import queue
 import resource
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +29,15 @@ from fusekit.io.layout import TensorSpec
 from fusekit.io.reader import CheckpointReader
 from fusekit.io.writer import ShardWriter
 from fusekit.ops import MergeInputs, get_method
-from fusekit.plan.graph import Plan, TensorInput, TensorTask
+from fusekit.plan.graph import Plan, TensorTask
+
+log = logging.getLogger("fusekit")
+
+# Units are cut so that about this many fit in the budget at once: one being read, one in the
+# kernel, one being written, and one spare.
+UNITS_IN_FLIGHT = 4
+# Below this a budget only slows a merge down (tiny row blocks) without saving memory that matters.
+MIN_WORKING_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -33,6 +50,30 @@ class ExecutionStats:
     seconds: float
     peak_rss_bytes: int
     files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A whole task, or rows ``[rows[0], rows[1])`` of it."""
+
+    task: TensorTask
+    rows: tuple[int, int] | None = None
+
+    @property
+    def first_row(self) -> int:
+        return self.rows[0] if self.rows else 0
+
+    @property
+    def working_bytes(self) -> int:
+        return self.task.working_bytes(self._row_count())
+
+    @property
+    def out_bytes(self) -> int:
+        count = self._row_count()
+        return self.task.out_bytes if count is None else self.task.out_bytes // self.task.shape[0] * count
+
+    def _row_count(self) -> int | None:
+        return None if self.rows is None else self.rows[1] - self.rows[0]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,17 +95,104 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss_bytes() -> int:
+    """Resident set size of this process now."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_rss_bytes()
+
+
+def working_budget(max_memory: int | None) -> int | None:
+    """Bytes available for tensors in flight: ``max_memory`` less this process's footprint."""
+    if max_memory is None:
+        return None
+    baseline = current_rss_bytes()
+    if max_memory - baseline < MIN_WORKING_BYTES:
+        log.warning("--max-memory %d MB leaves less than %d MB beyond what fusekit itself uses "
+                    "(%d MB); using %d MB for tensors", max_memory // 10**6,
+                    MIN_WORKING_BYTES // 2**20, baseline // 10**6, MIN_WORKING_BYTES // 2**20)
+        return MIN_WORKING_BYTES
+    return max_memory - baseline
+
+
+def split_units(plan: Plan, budget: int | None) -> list[WorkUnit]:
+    """Cut every task whose working set exceeds ``budget / UNITS_IN_FLIGHT`` into row blocks,
+    when its method is elementwise; other tasks stay whole."""
+    units: list[WorkUnit] = []
+    for task in plan.tasks:
+        target = budget // UNITS_IN_FLIGHT if budget else None
+        rows = task.shape[0] if task.shape else 0
+        if (target is None or task.working_bytes() <= target or rows < 2
+                or not get_method(task.method).elementwise):
+            units.append(WorkUnit(task))
+            continue
+        per_row = max(1, task.working_bytes(1))
+        step = max(1, min(rows, target // per_row))
+        units += [WorkUnit(task, (r, min(rows, r + step))) for r in range(0, rows, step)]
+    return units
+
+
+def peak_working_bytes(units: list[WorkUnit], budget: int | None) -> int:
+    """The most working memory that can be reserved at once under ``budget``: the largest sum of
+    consecutive units the budget admits together (a unit larger than the budget runs alone)."""
+    if budget is None:
+        return max((u.working_bytes for u in units), default=0)
+    peak = window = start = 0
+    for unit in units:
+        window += unit.working_bytes
+        while window > budget and start < len(units) and units[start] is not unit:
+            window -= units[start].working_bytes
+            start += 1
+        peak = max(peak, window)
+    return peak
+
+
+class ByteBudget:
+    """A counting semaphore over bytes; a request larger than the whole budget waits until
+    nothing else is reserved, then proceeds alone."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.reserved = 0
+        self._cond = threading.Condition()
+        self.closed = False
+
+    def acquire(self, amount: int) -> None:
+        with self._cond:
+            while not self.closed and self.limit is not None and self.reserved > 0 \
+                    and self.reserved + amount > self.limit:
+                self._cond.wait()
+            self.reserved += amount
+
+    def release(self, amount: int) -> None:
+        with self._cond:
+            self.reserved -= amount
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
 class Executor:
-    """Executes a :class:`Plan` into an output folder, one tensor at a time."""
+    """Executes a :class:`Plan` into an output folder."""
 
     def __init__(self, plan: Plan, *, device: torch.device, max_shard_bytes: int | None,
-                 seed: int = 0, progress: bool = False) -> None:
+                 seed: int = 0, max_memory: int | None = None, pipelined: bool = True,
+                 progress: bool = False) -> None:
         self.plan = plan
         self.seed = seed
         self.device = device
         self.max_shard_bytes = max_shard_bytes
         self.progress = progress
+        self.pipelined = pipelined
+        self.budget = working_budget(max_memory)
+        self.units = split_units(plan, self.budget)
         self.readers = {ref: CheckpointReader(model) for ref, model in plan.models.items()}
+        self._warned_large = False
 
     def run(self, out: Path) -> ExecutionStats:
         from tqdm import tqdm
@@ -75,10 +203,13 @@ class Executor:
                              index_metadata={"fusekit_version": __version__})
         bar = tqdm(total=self.plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                    desc="merging", disable=not self.progress, leave=False)
+
+        def write(unit: WorkUnit, result: torch.Tensor) -> None:
+            writer.write(unit.task.output, result, first_row=unit.first_row)
+            bar.update(unit.out_bytes)
+
         try:
-            for task in self.plan.tasks:
-                writer.write(task.output, self.compute(task))
-                bar.update(task.out_bytes)
+            (self._run_pipelined if self.pipelined else self._run_sequential)(write)
             files = writer.finish()
         finally:
             bar.close()
@@ -90,31 +221,101 @@ class Executor:
                               seconds=time.perf_counter() - start,
                               peak_rss_bytes=peak_rss_bytes(), files=tuple(files))
 
-    def load(self, tensor: TensorInput, dtype: torch.dtype) -> torch.Tensor:
-        data = self.readers[tensor.model].get(tensor.name)
-        return data.to(device=self.device, dtype=dtype)
+    # -- scheduling -----------------------------------------------------------------------------
 
-    def compute(self, task: TensorTask) -> torch.Tensor:
-        """The output tensor for ``task``, on CPU, in the output dtype."""
-        if not task.compute_dtype.is_floating_point:
-            return self._copy_exact(task)
-        tensors = [self.load(i, task.compute_dtype) for i in task.inputs]
-        base = self.load(task.base, task.compute_dtype) if task.base is not None else None
-        method = get_method(task.method)
+    def _run_sequential(self, write: Callable[[WorkUnit, torch.Tensor], None]) -> None:
+        for unit in self.units:
+            write(unit, self.compute(unit, self.read(unit)))
+
+    def _run_pipelined(self, write: Callable[[WorkUnit, torch.Tensor], None]) -> None:
+        budget = ByteBudget(self.budget)
+        loaded: queue.Queue[tuple[WorkUnit, list[torch.Tensor]] | BaseException] = queue.Queue()
+        results: queue.Queue[tuple[WorkUnit, torch.Tensor] | None] = queue.Queue()
+        failure: list[BaseException] = []
+        stop = threading.Event()
+
+        def read_all() -> None:
+            try:
+                for unit in self.units:
+                    self._warn_if_large(unit)
+                    budget.acquire(unit.working_bytes)
+                    if stop.is_set():
+                        return
+                    loaded.put((unit, self.read(unit)))
+            except BaseException as exc:  # handed to the main thread, which re-raises it
+                loaded.put(exc)
+
+        def write_all() -> None:
+            while (item := results.get()) is not None:
+                unit, result = item
+                try:
+                    if not failure:
+                        write(unit, result)
+                except BaseException as exc:
+                    failure.append(exc)
+                finally:
+                    del result
+                    budget.release(unit.working_bytes)
+
+        threads = [threading.Thread(target=read_all, name="fusekit-read", daemon=True),
+                   threading.Thread(target=write_all, name="fusekit-write", daemon=True)]
+        for thread in threads:
+            thread.start()
         try:
-            result = method.kernel(MergeInputs(tensors=tensors, model_params=task.model_params,
-                                               params=task.params, base=base, seed=self.seed,
-                                               tensor_name=task.output))
+            for _ in self.units:
+                item = loaded.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if failure:
+                    raise failure[0]
+                unit, inputs = item
+                results.put((unit, self.compute(unit, inputs)))
+                del item, inputs
+        finally:
+            stop.set()
+            budget.close()
+            results.put(None)
+            threads[1].join()
+            threads[0].join(timeout=5)
+        if failure:
+            raise failure[0]
+
+    def _warn_if_large(self, unit: WorkUnit) -> None:
+        too_large = self.budget is not None and unit.working_bytes > self.budget
+        if too_large and unit.rows is None and not self._warned_large:
+            self._warned_large = True
+            log.warning("tensor '%s' needs about %d MB, more than --max-memory allows; it runs "
+                        "alone (its method cannot split it into row blocks)", unit.task.output,
+                        math.ceil(unit.working_bytes / 1e6))
+
+    # -- one unit -------------------------------------------------------------------------------
+
+    def read(self, unit: WorkUnit) -> list[torch.Tensor]:
+        """The unit's input tensors (base last), as stored, on the CPU."""
+        return [self.readers[i.model].get(i.name, unit.rows) for i in unit.task.all_inputs]
+
+    def compute(self, unit: WorkUnit, stored: list[torch.Tensor]) -> torch.Tensor:
+        """The unit's output block on the CPU, in the output dtype."""
+        task = unit.task
+        if not task.compute_dtype.is_floating_point:
+            return self._copy_exact(task, stored)
+        tensors = [t.to(device=self.device, dtype=task.compute_dtype) for t in stored]
+        base = tensors.pop() if task.base is not None else None
+        try:
+            result = get_method(task.method).kernel(MergeInputs(
+                tensors=tensors, model_params=task.model_params, params=task.params, base=base,
+                seed=self.seed, tensor_name=task.output))
         except FusekitError as exc:
             raise type(exc)(f"tensor '{task.output}': {exc}") from None
         return result.to(dtype=task.out_dtype).cpu().contiguous()
 
-    def _copy_exact(self, task: TensorTask) -> torch.Tensor:
+    @staticmethod
+    def _copy_exact(task: TensorTask, tensors: list[torch.Tensor]) -> torch.Tensor:
         """Integer and boolean tensors (buffers, masks) must agree and are copied, not merged."""
-        tensors = [self.readers[i.model].get(i.name) for i in task.all_inputs]
         for info, other in zip(task.all_inputs[1:], tensors[1:], strict=True):
             if not torch.equal(tensors[0], other):
                 raise TensorMismatchError(
                     f"tensor '{task.output}' is not floating point and differs between "
                     f"'{task.all_inputs[0].model}' and '{info.model}'; such tensors cannot be merged")
-        return tensors[0].to(task.out_dtype)
+        return tensors[0].to(task.out_dtype).contiguous()
+

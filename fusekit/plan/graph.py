@@ -64,17 +64,19 @@ class TensorTask:
     def out_bytes(self) -> int:
         return self.numel * self.out_dtype.itemsize
 
-    def working_bytes(self) -> int:
-        """Memory held while this task runs: inputs, the kernel's scratch, the cast output.
+    def working_bytes(self, rows: int | None = None) -> int:
+        """Memory held while this task (or ``rows`` of its rows) is read, merged and written.
 
-        Inputs are held in compute dtype (one native-dtype copy at a time while casting); the kernels
-        stack their inputs and keep a float32 accumulator, about one more copy per input plus two.
+        The stored inputs, their compute-dtype copies when the dtype changes, the kernel's scratch
+        (about one compute-size copy per input plus two, at least float32 for accumulators) and
+        the output block.
         """
-        compute = self.numel * self.compute_dtype.itemsize
-        n_inputs = len(self.all_inputs)
-        largest_native = max((i.nbytes for i in self.all_inputs), default=0)
-        scratch = (n_inputs + 2) * max(compute, self.numel * 4)
-        return n_inputs * compute + largest_native + scratch + self.out_bytes
+        numel = self.numel if rows is None else self.numel // max(1, self.shape[0]) * rows
+        stored = sum(numel * i.dtype.itemsize for i in self.all_inputs)
+        converted = sum(numel * self.compute_dtype.itemsize for i in self.all_inputs
+                        if i.dtype != self.compute_dtype)
+        scratch = (len(self.all_inputs) + 2) * numel * max(self.compute_dtype.itemsize, 4)
+        return stored + converted + scratch + numel * self.out_dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,3 @@ class Plan:
 
     def peak_task(self) -> TensorTask | None:
         return max(self.tasks, key=TensorTask.working_bytes, default=None)
-
-    def peak_working_bytes(self) -> int:
-        """Largest per-task working set; add the process baseline for the peak resident size."""
-        task = self.peak_task()
-        return task.working_bytes() if task else 0

@@ -7,6 +7,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from fusekit.io.layout import TensorSpec, plan_shards
+from fusekit.plan.executor import (
+    current_rss_bytes,
+    peak_working_bytes,
+    split_units,
+    working_budget,
+)
 from fusekit.plan.graph import Plan, TensorTask
 
 
@@ -34,10 +40,21 @@ def _task_line(task: TensorTask) -> str:
             f"t={task.t:.3g} <- {sources}{base}" + (f" | {details}" if details else ""))
 
 
-def plan_summary(plan: Plan, *, baseline_rss: int, max_shard_bytes: int | None) -> dict[str, Any]:
+def memory_estimate(plan: Plan, max_memory: int | None) -> tuple[int, int, int]:
+    """(peak resident bytes, this process's current footprint, peak working bytes) for a merge
+    run under ``max_memory``; the footprint stands in for the merge process's own."""
+    baseline = current_rss_bytes()
+    budget = working_budget(max_memory)
+    working = peak_working_bytes(split_units(plan, budget), budget)
+    return baseline + working, baseline, working
+
+
+def plan_summary(plan: Plan, *, max_shard_bytes: int | None,
+                 max_memory: int | None) -> dict[str, Any]:
     """Machine-readable summary: inputs, outputs, shards and the peak-memory estimate."""
     specs = [TensorSpec(t.output, t.shape, t.out_dtype) for t in plan.tasks]
     peak = plan.peak_task()
+    estimate, baseline, working = memory_estimate(plan, max_memory)
     return {
         "merge_method": plan.recipe.merge_method,
         "models": {ref: {"folder": str(m.folder), "files": len(m.weight_files),
@@ -49,15 +66,17 @@ def plan_summary(plan: Plan, *, baseline_rss: int, max_shard_bytes: int | None) 
         "shards": len(plan_shards(specs, max_shard_bytes)),
         "config_layers": plan.out_config.get("num_hidden_layers"),
         "tokenizer_from": plan.tokenizer_source.ref if plan.tokenizer_source else None,
-        "peak_memory_bytes": baseline_rss + plan.peak_working_bytes(),
-        "peak_task": peak.output if peak else None,
+        "peak_memory_bytes": estimate,
+        "baseline_bytes": baseline,
+        "peak_working_bytes": working,
+        "largest_task": peak.output if peak else None,
     }
 
 
-def format_plan(plan: Plan, *, baseline_rss: int, max_shard_bytes: int | None,
+def format_plan(plan: Plan, *, max_shard_bytes: int | None, max_memory: int | None,
                 verbose: bool = False) -> str:
     """A few lines saying what would be read, computed and written, and the memory it needs."""
-    summary = plan_summary(plan, baseline_rss=baseline_rss, max_shard_bytes=max_shard_bytes)
+    summary = plan_summary(plan, max_shard_bytes=max_shard_bytes, max_memory=max_memory)
     lines = [f"merge method: {summary['merge_method']}  (config and generation settings from "
              f"'{plan.donor}', tokenizer from '{summary['tokenizer_from']}')", "models:"]
     for ref, model in plan.models.items():
@@ -67,8 +86,9 @@ def format_plan(plan: Plan, *, baseline_rss: int, max_shard_bytes: int | None,
         f"reads {human_bytes(summary['bytes_read'])}, writes {summary['tensors']} tensors, "
         f"{human_bytes(summary['bytes_written'])} in {summary['shards']} shard(s)",
         f"peak memory estimate: {human_bytes(summary['peak_memory_bytes'])} (process "
-        f"{human_bytes(baseline_rss)} + largest task {human_bytes(plan.peak_working_bytes())}: "
-        f"{summary['peak_task']})",
+        f"{human_bytes(summary['baseline_bytes'])} + tensors in flight "
+        f"{human_bytes(summary['peak_working_bytes'])}; largest tensor task: "
+        f"{summary['largest_task']})",
     ]
     if verbose:
         lines.append("tensors:")
