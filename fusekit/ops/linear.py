@@ -22,7 +22,8 @@ class LinearParams(Params):
 
 
 @register("linear", model_params=LinearModelParams, method_params=LinearParams,
-          summary="weighted average of the models' weights (model soup)", elementwise=True)
+          summary="weighted average of the models' weights (model soup)", elementwise=True,
+          scratch=lambda n, size: 8)  # a float32 product and the float32 accumulator
 def linear(inputs: MergeInputs) -> torch.Tensor:
     """``Σ w_i θ_i`` (÷ ``Σ w_i`` when normalize).
 

@@ -13,7 +13,8 @@ class PassthroughModelParams(Params):
 
 
 @register("passthrough", model_params=PassthroughModelParams, min_models=1, max_models=1,
-          summary="copies one model's tensors (layer stacking with slices)", elementwise=True)
+          summary="copies one model's tensors (layer stacking with slices)", elementwise=True,
+          scratch=lambda n, size: size)
 def passthrough(inputs: MergeInputs) -> torch.Tensor:
     (tensor,) = inputs.tensors
     scale = inputs.model_params[0].scale  # type: ignore[attr-defined]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -86,6 +86,9 @@ class MergeMethod:
         elementwise: whether the kernel treats every element on its own, so that running it on
             blocks of rows gives exactly the bytes of one call on the whole tensor; the executor
             then splits tensors too large for the memory budget.
+        scratch: bytes of temporaries per output element, given (number of input tensors, compute
+            dtype itemsize); feeds the memory estimate and budget. The default assumes about one
+            float32-or-wider copy per input plus two.
     """
 
     name: str
@@ -98,6 +101,7 @@ class MergeMethod:
     summary: str
     stochastic: bool = False
     elementwise: bool = False
+    scratch: Callable[[int, int], int] = field(default=lambda n, size: (n + 2) * max(size, 4))
 
     def parameter_names(self) -> dict[str, str]:
         """Every accepted parameter name (YAML spelling) → ``"model"`` or ``"method"``."""
@@ -117,15 +121,17 @@ _METHODS: dict[str, MergeMethod] = {}
 def register(name: str, *, model_params: type[Params] = NoParams,
              method_params: type[Params] = NoParams, base: BaseUse = "unused",
              min_models: int = 1, max_models: int | None = None,
-             summary: str, stochastic: bool = False,
-             elementwise: bool = False) -> Callable[[Kernel], Kernel]:
+             summary: str, stochastic: bool = False, elementwise: bool = False,
+             scratch: Callable[[int, int], int] | None = None) -> Callable[[Kernel], Kernel]:
     """Decorator registering ``kernel`` under ``name``; a duplicate name is a bug and raises."""
 
     def add(kernel: Kernel) -> Kernel:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
+        extra = {"scratch": scratch} if scratch is not None else {}
         _METHODS[name] = MergeMethod(name, kernel, model_params, method_params, base,
-                                     min_models, max_models, summary, stochastic, elementwise)
+                                     min_models, max_models, summary, stochastic, elementwise,
+                                     **extra)
         return kernel
 
     return add

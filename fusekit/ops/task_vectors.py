@@ -47,7 +47,8 @@ def combine_task_vectors(base: torch.Tensor, tensors: list[torch.Tensor], weight
 
 @register("task_arithmetic", model_params=TaskArithmeticModelParams,
           method_params=TaskArithmeticParams, base="required", min_models=1,
-          summary="adds the weighted task vectors (model − base) to the base", elementwise=True)
+          summary="adds the weighted task vectors (model − base) to the base", elementwise=True,
+          scratch=lambda n, size: (2 * n + 2) * size)  # deltas, weighted deltas, sum, result
 def task_arithmetic(inputs: MergeInputs) -> torch.Tensor:
     assert inputs.base is not None
     params = inputs.params

@@ -67,16 +67,17 @@ class TensorTask:
     def working_bytes(self, rows: int | None = None) -> int:
         """Memory held while this task (or ``rows`` of its rows) is read, merged and written.
 
-        The stored inputs, their compute-dtype copies when the dtype changes, the kernel's scratch
-        (about one compute-size copy per input plus two, at least float32 for accumulators) and
-        the output block.
+        The stored inputs, their compute-dtype copies when the dtype changes, the kernel's
+        temporaries (as its method declares) and the output block.
         """
+        from fusekit.ops import get_method
+
         numel = self.numel if rows is None else self.numel // max(1, self.shape[0]) * rows
         stored = sum(numel * i.dtype.itemsize for i in self.all_inputs)
         converted = sum(numel * self.compute_dtype.itemsize for i in self.all_inputs
                         if i.dtype != self.compute_dtype)
-        scratch = (len(self.all_inputs) + 2) * numel * max(self.compute_dtype.itemsize, 4)
-        return stored + converted + scratch + numel * self.out_dtype.itemsize
+        per_element = get_method(self.method).scratch(len(self.all_inputs), self.compute_dtype.itemsize)
+        return stored + converted + numel * per_element + numel * self.out_dtype.itemsize
 
 
 @dataclass(frozen=True)
