@@ -1,0 +1,136 @@
+"""The executor: pipelined, sequential and row-blocked runs give the same bytes; the budget holds."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import load_weights, write_recipe
+
+import fusekit
+from fusekit.errors import FusekitError
+from fusekit.plan import executor as executor_module
+from fusekit.plan.executor import ByteBudget, WorkUnit, peak_working_bytes, split_units
+
+RECIPES = {
+    "linear": """merge_method: linear
+models:
+  - {{model: {base}, parameters: {{weight: 0.5}}}}
+  - {{model: {math}, parameters: {{weight: [0.2, 0.7]}}}}
+  - {{model: {code}, parameters: {{weight: 0.3}}}}
+""",
+    "task_arithmetic": """merge_method: task_arithmetic
+base_model: {base}
+models:
+  - {{model: {math}, parameters: {{weight: 0.6}}}}
+  - {{model: {code}, parameters: {{weight: [{{filter: mlp, value: 0.2}}, {{value: 0.9}}]}}}}
+parameters: {{lambda: 1.3, normalize: true}}
+""",
+    "passthrough": """merge_method: passthrough
+slices:
+  - sources: [{{model: {base}, layer_range: [0, 2], parameters: {{scale: 0.5}}}}]
+  - sources: [{{model: {math}, layer_range: [1, 2]}}]
+""",
+}
+
+
+def _recipe(tmp_path: Path, models: dict[str, Path], method: str) -> Path:
+    return write_recipe(tmp_path / f"{method}.yaml",
+                        RECIPES[method].format(**{k: str(v) for k, v in models.items()}))
+
+
+def _tiny_budget(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Make the budget a few KiB so that every tensor of an elementwise method is cut into rows."""
+    monkeypatch.setattr(executor_module, "current_rss_bytes", lambda: 0)
+    monkeypatch.setattr(executor_module, "MIN_WORKING_BYTES", 0)
+    return 16 * 1024
+
+
+@pytest.mark.parametrize("method", sorted(RECIPES))
+def test_pipelined_sequential_and_row_blocked_runs_are_byte_identical(
+        method: str, tiny_models: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = _recipe(tmp_path, tiny_models, method)
+    fusekit.merge(recipe, tmp_path / "seq", pipelined=False, max_memory=None, random_seed=1)
+    fusekit.merge(recipe, tmp_path / "pipe", pipelined=True, random_seed=1)
+    small = _tiny_budget(monkeypatch)
+    blocked = fusekit.merge(recipe, tmp_path / "blocks", max_memory=small, random_seed=1)
+    assert len(blocked.plan.tasks) < len(split_units(blocked.plan, small))
+    reference = (tmp_path / "seq" / "model.safetensors").read_bytes()
+    assert (tmp_path / "pipe" / "model.safetensors").read_bytes() == reference
+    assert (tmp_path / "blocks" / "model.safetensors").read_bytes() == reference
+
+
+def test_row_blocks_cover_each_tensor_exactly_once(tiny_models: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    plan = fusekit.plan(_recipe(tmp_path, tiny_models, "linear"))
+    units = split_units(plan, 8 * 1024)
+    for task in plan.tasks:
+        blocks = sorted(u.rows or (0, task.shape[0]) for u in units if u.task is task)
+        assert blocks[0][0] == 0 and blocks[-1][1] == task.shape[0]
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
+        assert all(u.working_bytes <= 8 * 1024 // 4 or u.rows is None or
+                   u.rows[1] - u.rows[0] == 1 for u in units if u.task is task)
+
+
+def test_no_budget_keeps_tasks_whole(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    plan = fusekit.plan(_recipe(tmp_path, tiny_models, "linear"))
+    assert [u.task for u in split_units(plan, None)] == list(plan.tasks)
+
+
+def test_peak_working_bytes_is_the_largest_admitted_window(tiny_models: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    plan = fusekit.plan(_recipe(tmp_path, tiny_models, "linear"))
+    units = [WorkUnit(task) for task in plan.tasks]
+    sizes = [u.working_bytes for u in units]
+    assert peak_working_bytes(units, None) == max(sizes)
+    assert peak_working_bytes(units, 10**12) == sum(sizes)
+    budget = max(sizes) + min(sizes)
+    expected = max(
+        max(sum(sizes[i:j]) for i in range(len(sizes)) for j in range(i + 1, len(sizes) + 1)
+            if sum(sizes[i:j]) <= budget),
+        max(sizes))
+    assert peak_working_bytes(units, budget) == expected
+
+
+def test_budget_blocks_until_release_and_lets_an_oversized_request_run_alone() -> None:
+    budget = ByteBudget(100)
+    budget.acquire(60)
+    got = threading.Event()
+
+    def take() -> None:
+        budget.acquire(50)
+        got.set()
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    time.sleep(0.05)
+    assert not got.is_set()
+    budget.release(60)
+    thread.join(timeout=5)
+    assert got.is_set()
+    budget.release(50)
+    budget.acquire(500)  # larger than the budget, but nothing else is reserved
+    assert budget.reserved == 500
+
+
+def test_kernel_error_in_pipelined_run_leaves_nothing(tiny_models: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "zero.yaml", f"""merge_method: linear
+models:
+  - {{model: {tiny_models['base']}, parameters: {{weight: 1.0}}}}
+  - {{model: {tiny_models['math']}, parameters: {{weight: -1.0}}}}
+""")
+    with pytest.raises(FusekitError, match="sum to 0"):
+        fusekit.merge(recipe, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [recipe]
+
+
+def test_merge_reads_inputs_exactly(tiny_models: dict[str, Path], tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = _recipe(tmp_path, tiny_models, "passthrough")
+    fusekit.merge(recipe, tmp_path / "out", max_memory=_tiny_budget(monkeypatch))
+    out, base = load_weights(tmp_path / "out"), load_weights(tiny_models["base"])
+    assert (out["model.embed_tokens.weight"] == base["model.embed_tokens.weight"] * 0.5).all()
