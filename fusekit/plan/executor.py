@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import resource
 import threading
@@ -197,6 +198,9 @@ class Executor:
     def run(self, out: Path) -> ExecutionStats:
         from tqdm import tqdm
 
+        # Kernels get every core; reading and writing are system calls on their own threads.
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else os.cpu_count() or 1)
         start = time.perf_counter()
         specs = [TensorSpec(t.output, t.shape, t.out_dtype) for t in self.plan.tasks]
         writer = ShardWriter(out, specs, max_shard_bytes=self.max_shard_bytes,
