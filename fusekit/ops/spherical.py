@@ -112,9 +112,10 @@ class WeightModelParams(Params):
 
 
 class NuslerpParams(Params):
-    nuslerp_flatten: bool = Field(True, description="treat the whole tensor as one vector")
-    nuslerp_row_wise: bool = Field(False, description="when not flattened, slerp the vectors "
-                                   "along dim 0 (columns) instead of the last dim (rows)")
+    nuslerp_flatten: bool = Field(default=True, description="treat the whole tensor as one vector")
+    nuslerp_row_wise: bool = Field(
+        default=False,
+        description="when not flattened, slerp vectors along dim 0 (columns) instead of rows")
 
 
 def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool,
@@ -167,8 +168,8 @@ def nuslerp(inputs: MergeInputs) -> torch.Tensor:
 
 
 class MultislerpParams(Params):
-    normalize_weights: bool = Field(True, description="divide the weights by their sum")
-    eps: float = Field(1e-8, description="added to norms before dividing by them")
+    normalize_weights: bool = Field(default=True, description="divide the weights by their sum")
+    eps: float = Field(default=1e-8, description="added to norms before dividing by them")
 
 
 def _multislerp_weights(weights: list[float], like: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -240,8 +241,8 @@ def multislerp(inputs: MergeInputs) -> torch.Tensor:
 
 
 class KarcherParams(Params):
-    max_iter: int = Field(10, description="most Riemannian gradient steps")
-    tol: float = Field(1e-5, description="stop when the tangent step is shorter than this; "
+    max_iter: int = Field(default=10, description="most Riemannian gradient steps")
+    tol: float = Field(default=1e-5, description="stop when the tangent step is shorter than this; "
                        "norms at or below it count as zero")
 
 
