@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fusekit.ops.registry import MergeInputs, register
+from fusekit.ops.registry import MergeInputs, at_least_float32, register
 
 _PROBABILITY_FLOOR = 1e-8
 _QUANTILE_SAMPLE = 1_000_000
@@ -50,6 +50,7 @@ def outlier_threshold(scores: torch.Tensor, generator: torch.Generator) -> torch
 
 
 @register("arcee_fusion", base="required", min_models=1, max_models=1, stochastic=True,
+          result_dtype=at_least_float32,  # the float32 mask promotes the result, as in mergekit
           summary="keeps the model's changes whose KL-weighted importance is an upper outlier, "
                   "the base elsewhere (Arcee Fusion)")
 def arcee_fusion(inputs: MergeInputs) -> torch.Tensor:

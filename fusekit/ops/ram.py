@@ -28,7 +28,7 @@ from typing import cast
 import torch
 from pydantic import Field
 
-from fusekit.ops.registry import MergeInputs, Params, register
+from fusekit.ops.registry import MergeInputs, Params, at_least_float32, register
 
 _EPSILON_HELP = "a task-vector element counts as a contribution when its magnitude exceeds this"
 
@@ -95,5 +95,8 @@ def reinforced_merge(inputs: MergeInputs, *, rescale_unique: bool) -> torch.Tens
 
 for _variant in _VARIANTS:
     register(_variant.name, method_params=_variant.params, base="required", min_models=0,
-             summary=_variant.summary)(partial(reinforced_merge,
+             summary=_variant.summary,
+             # ramplus_tl's float32 scales promote half-precision results, as in mergekit
+             result_dtype=at_least_float32 if _variant.rescale_unique else None,
+             )(partial(reinforced_merge,
                                                rescale_unique=_variant.rescale_unique))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -89,6 +89,8 @@ class MergeMethod:
         scratch: bytes of temporaries per output element, given (number of input tensors, compute
             dtype itemsize); feeds the memory estimate and budget. The default assumes about one
             float32-or-wider copy per input plus two.
+        result_dtype: dtype the kernel's result has for a given compute dtype; it is what gets
+            written when the recipe sets no ``out_dtype`` (some kernels promote to float32).
     """
 
     name: str
@@ -102,6 +104,7 @@ class MergeMethod:
     stochastic: bool = False
     elementwise: bool = False
     scratch: Callable[[int, int], int] = field(default=lambda n, size: (n + 2) * max(size, 4))
+    result_dtype: Callable[[torch.dtype], torch.dtype] = field(default=lambda dtype: dtype)
 
     def parameter_names(self) -> dict[str, str]:
         """Every accepted parameter name (YAML spelling) → ``"model"`` or ``"method"``."""
@@ -122,19 +125,28 @@ def register(name: str, *, model_params: type[Params] = NoParams,
              method_params: type[Params] = NoParams, base: BaseUse = "unused",
              min_models: int = 1, max_models: int | None = None,
              summary: str, stochastic: bool = False, elementwise: bool = False,
-             scratch: Callable[[int, int], int] | None = None) -> Callable[[Kernel], Kernel]:
+             scratch: Callable[[int, int], int] | None = None,
+             result_dtype: Callable[[torch.dtype], torch.dtype] | None = None,
+             ) -> Callable[[Kernel], Kernel]:
     """Decorator registering ``kernel`` under ``name``; a duplicate name is a bug and raises."""
 
     def add(kernel: Kernel) -> Kernel:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
-        extra = {"scratch": scratch} if scratch is not None else {}
+        extra: dict[str, Any] = {"scratch": scratch} if scratch is not None else {}
+        if result_dtype is not None:
+            extra["result_dtype"] = result_dtype
         _METHODS[name] = MergeMethod(name, kernel, model_params, method_params, base,
                                      min_models, max_models, summary, stochastic, elementwise,
                                      **extra)
         return kernel
 
     return add
+
+
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """``result_dtype`` of kernels whose float32 masks or scales promote half-precision results."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def get_method(name: str) -> MergeMethod:

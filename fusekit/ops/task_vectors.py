@@ -1,17 +1,219 @@
-"""Task-vector merging: add weighted differences from a base model.
+"""Task-vector merging: task arithmetic, TIES, DARE, Model Breadcrumbs, DELLA and SCE.
 
-Ilharco et al., "Editing Models with Task Arithmetic" (2023): with task vectors
-``τ_i = θ_i − θ_base``, ``merged = θ_base + λ · Σ_i w_i τ_i`` (÷ ``Σ_i w_i`` when ``normalize``).
+With task vectors ``τ_i = θ_i − θ_base`` every method here is one pipeline::
+
+    τ̃_i   = sparsify(τ_i; density_i, gamma_i, epsilon_i, rescale)      (see fusekit.ops.sparsify)
+    m_i    = [sign(w_i τ̃_i) = sign(Σ_j w_j τ̃_j)]                       sign election ("sum"),
+             or the sign of Σ_j sign(w_j τ̃_j) ("count"); 1 everywhere without consensus
+    merged = θ_base + λ · Σ_i m_i w_i τ̃_i  (÷ Σ_i m_i w_i when normalize)
+
+and the methods differ only in their row of :data:`METHODS` (sparsifier, consensus, defaults):
+
+- task_arithmetic — Ilharco et al., "Editing Models with Task Arithmetic" (arXiv:2212.04089).
+- ties — Yadav et al., "TIES-Merging" (arXiv:2306.01708): magnitude top-k + sign election.
+- dare_linear / dare_ties — Yu et al., "Language Models are Super Mario" (arXiv:2311.03099):
+  random drop, rescaled.
+- breadcrumbs / breadcrumbs_ties — Davari & Belilovsky, "Model Breadcrumbs"
+  (arXiv:2312.06795): drop the smallest and the ``gamma`` largest magnitudes.
+- della / della_linear — Deep et al., "DELLA-Merging" (arXiv:2406.11617): drop with
+  probabilities falling with the magnitude rank.
+- sce — Wan et al., "FuseChat" (arXiv:2408.07990): keep the ``select_topk`` entries of largest
+  variance across models, elect signs on the unweighted vectors, then weight each model by its
+  energy ``e_i = mean(τ_i²) / Σ_j mean(τ_j²)`` (``1/n`` each when ``Σ_j mean(τ_j²) < 1e-6``)::
+
+      merged = θ_base + Σ_i m_i e_i τ̃_i / max(Σ_i m_i e_i, 1e-6)
+
+Numbers follow mergekit 0.1.5: all arithmetic in the compute dtype (bfloat16 stays bfloat16; the
+weights are rounded to it too), in mergekit's order. The normalising divisor counts as 1 where it is
+0 (with consensus) or below 1e-8 in magnitude (without). ``int8_mask`` only changes mergekit's
+memory use, so it is accepted and has no effect; task_arithmetic accepts ``density`` and
+``rescale`` for the same reason mergekit does, and ignores them.
 """
 
 from __future__ import annotations
 
-import torch
-from pydantic import Field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Literal
 
-from fusekit.ops.registry import MergeInputs, Params, register
+import torch
+from pydantic import BaseModel, BeforeValidator, Field, ValidationInfo, create_model, field_validator
+
+from fusekit.ops import sparsify
+from fusekit.ops.registry import MergeInputs, NoParams, Params, register
+from fusekit.ops.sparsify import Sparsifier
+
+Consensus = Literal["sum", "count"]
+Weighting = Literal["weight", "energy"]
 
 _TINY_WEIGHT_SUM = 1e-8
+_TINY_ENERGY = 1e-6
+
+
+# -- parameters ---------------------------------------------------------------------------------------
+
+
+def _in_unit_interval(value: object) -> object:
+    if isinstance(value, int | float) and not isinstance(value, bool) and not 0 <= value <= 1:
+        raise ValueError("must be in [0, 1]")
+    return value
+
+
+def _not_negative(value: object) -> object:
+    if isinstance(value, int | float) and not isinstance(value, bool) and not value >= 0:
+        raise ValueError("must be at least 0")
+    return value
+
+
+Fraction = Annotated[float, BeforeValidator(_in_unit_interval), Field(ge=0, le=1)]
+NonNegative = Annotated[float, BeforeValidator(_not_negative), Field(ge=0)]
+
+
+class TaskVectorModelParams(Params):
+    weight: float = Field(description="scale of this model's task vector")
+    density: Fraction = Field(1.0, description="fraction of the task vector's entries to keep "
+                                               "(1 keeps all; unused by task_arithmetic)")
+
+
+class BreadcrumbsModelParams(TaskVectorModelParams):
+    gamma: Fraction = Field(0.01, description="fraction of the largest-magnitude entries dropped "
+                                              "as outliers")
+
+
+class DellaModelParams(TaskVectorModelParams):
+    epsilon: NonNegative = Field(0.15, validate_default=True,
+                                 description="keep probabilities run from density − epsilon "
+                                             "(smallest magnitude) to density + epsilon (largest)")
+
+    @field_validator("epsilon")
+    @classmethod
+    def _probabilities_inside_unit_interval(cls, epsilon: float, info: ValidationInfo) -> float:
+        density = info.data.get("density")
+        if density is None or not 0 < density < 1:
+            return epsilon
+        if density + epsilon >= 1 or density - epsilon <= 0:
+            raise ValueError(
+                f"density ± epsilon must lie inside (0, 1), got density {density} and epsilon "
+                f"{epsilon}; choose epsilon below {min(density, 1 - density):g}")
+        return epsilon
+
+
+class TaskVectorParams(Params):
+    normalize: bool = Field(False, description="divide by the sum of the (elected) weights")
+    rescale: bool = Field(False, description="scale each sparsified task vector back to its L1 norm")
+    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
+    int8_mask: bool = Field(False, description="accepted for mergekit compatibility; no effect")
+
+
+def _defaults(name: str, *, normalize: bool, rescale: bool) -> type[TaskVectorParams]:
+    """``TaskVectorParams`` with a method's own defaults for ``normalize`` and ``rescale``."""
+    return create_model(
+        name, __base__=TaskVectorParams,
+        normalize=(bool, Field(normalize, description="divide by the sum of the (elected) weights")),
+        rescale=(bool, Field(rescale, description="scale each sparsified task vector back to its "
+                                                  "L1 norm")),
+    )
+
+
+class SceParams(Params):
+    int8_mask: bool = Field(False, description="accepted for mergekit compatibility; no effect")
+    select_topk: Fraction = Field(1.0, description="fraction of entries kept, those whose "
+                                                   "variance across the models is largest")
+
+
+# -- the table ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskVectorMethod:
+    """One row of the task-vector family.
+
+    Attributes:
+        sparsifier: how each task vector is thinned (``density`` and friends), or None.
+        consensus: sign election, or None to add every entry.
+        weighting: ``"weight"`` — the recipe's ``weight`` per model, applied before the election;
+            ``"energy"`` — SCE's data-derived weights, applied after electing on plain vectors.
+        select: SCE's joint variance selection by ``select_topk``.
+    """
+
+    name: str
+    sparsifier: Sparsifier | None
+    consensus: Consensus | None
+    model_params: type[Params]
+    method_params: type[Params]
+    summary: str
+    weighting: Weighting = "weight"
+    select: bool = False
+
+    @property
+    def stochastic(self) -> bool:
+        return self.sparsifier in ("random", "della_magprune")
+
+    @property
+    def elementwise(self) -> bool:
+        return self.sparsifier is None and self.consensus is None and self.weighting == "weight"
+
+
+METHODS: tuple[TaskVectorMethod, ...] = (
+    TaskVectorMethod(
+        "task_arithmetic", None, None, TaskVectorModelParams,
+        _defaults("TaskArithmeticParams", normalize=False, rescale=False),
+        "adds the weighted task vectors (model − base) to the base"),
+    TaskVectorMethod(
+        "ties", "magnitude", "sum", TaskVectorModelParams,
+        _defaults("TiesParams", normalize=True, rescale=False),
+        "TIES: keeps each task vector's largest entries, elects a sign per entry and averages "
+        "the agreeing ones"),
+    TaskVectorMethod(
+        "dare_linear", "random", None, TaskVectorModelParams,
+        _defaults("DareLinearParams", normalize=False, rescale=True),
+        "DARE: drops task-vector entries at random, rescales and adds them"),
+    TaskVectorMethod(
+        "dare_ties", "random", "sum", TaskVectorModelParams,
+        _defaults("DareTiesParams", normalize=False, rescale=True),
+        "DARE with TIES sign election: random drop, rescale, keep the agreeing signs"),
+    TaskVectorMethod(
+        "breadcrumbs", "magnitude_outliers", None, BreadcrumbsModelParams,
+        _defaults("BreadcrumbsParams", normalize=False, rescale=False),
+        "Model Breadcrumbs: drops the smallest and the largest (outlier) task-vector entries"),
+    TaskVectorMethod(
+        "breadcrumbs_ties", "magnitude_outliers", "sum", BreadcrumbsModelParams,
+        _defaults("BreadcrumbsTiesParams", normalize=False, rescale=False),
+        "Model Breadcrumbs with TIES sign election"),
+    TaskVectorMethod(
+        "della", "della_magprune", "sum", DellaModelParams,
+        _defaults("DellaParams", normalize=True, rescale=True),
+        "DELLA: drops entries with probabilities falling with their magnitude rank, rescales, "
+        "elects signs"),
+    TaskVectorMethod(
+        "della_linear", "della_magprune", None, DellaModelParams,
+        _defaults("DellaLinearParams", normalize=False, rescale=True),
+        "DELLA without sign election: magnitude-ranked random drop, rescale, weighted sum"),
+    TaskVectorMethod(
+        "sce", None, "sum", NoParams, SceParams,
+        "SCE: keeps the entries that vary most across models, elects signs, weights each model "
+        "by its task vector's energy", weighting="energy", select=True),
+)
+
+
+# -- the engine ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    normalize: bool
+    rescale: bool
+    lambda_: float
+    select_topk: float
+
+
+def _settings(params: BaseModel) -> _Settings:
+    if isinstance(params, SceParams):
+        return _Settings(normalize=True, rescale=False, lambda_=1.0, select_topk=params.select_topk)
+    assert isinstance(params, TaskVectorParams)
+    return _Settings(normalize=params.normalize, rescale=params.rescale, lambda_=params.lambda_,
+                     select_topk=1.0)
 
 
 def weight_column(weights: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -20,40 +222,121 @@ def weight_column(weights: list[float], like: torch.Tensor) -> torch.Tensor:
     return column.view(-1, *([1] * (like.dim() - 1)))
 
 
-class TaskArithmeticModelParams(Params):
-    weight: float = Field(description="scale of this model's task vector")
+def _sparsified(delta: torch.Tensor, sparsifier: Sparsifier, params: BaseModel, *, rescale: bool,
+                generator: partial[torch.Generator]) -> torch.Tensor:
+    assert isinstance(params, TaskVectorModelParams)
+    if sparsifier == "magnitude":
+        return sparsify.magnitude(delta, params.density, rescale=rescale)
+    if sparsifier == "magnitude_outliers":
+        assert isinstance(params, BreadcrumbsModelParams)
+        return sparsify.magnitude_outliers(delta, params.density, gamma=params.gamma,
+                                           rescale=rescale)
+    if sparsifier == "random":
+        return sparsify.bernoulli(delta, params.density, generator=generator(), rescale=rescale)
+    assert isinstance(params, DellaModelParams)
+    return sparsify.della_magprune(delta, params.density, epsilon=params.epsilon,
+                                   generator=generator(), rescale=rescale)
 
 
-class TaskArithmeticParams(Params):
-    normalize: bool = Field(False, description="divide the summed task vectors by Σ weights")
-    lambda_: float = Field(1.0, alias="lambda", description="scale of the merged task vector")
-    int8_mask: bool = Field(False, description="accepted for mergekit compatibility; no effect")
+def task_vectors(inputs: MergeInputs, sparsifier: Sparsifier | None, *,
+                 rescale: bool) -> torch.Tensor:
+    """``τ_i = θ_i − θ_base``, each sparsified on its own: ``(n_models, *shape)``.
+
+    Model ``i`` draws from ``inputs.generator(i)``, so its mask depends only on the seed, the
+    tensor name and ``i``.
+    """
+    base = inputs.base
+    assert base is not None
+    deltas = base.new_empty((len(inputs.tensors), *base.shape))  # (n_models, *shape)
+    for index, (tensor, params) in enumerate(zip(inputs.tensors, inputs.model_params, strict=True)):
+        delta = tensor - base
+        if sparsifier is not None:
+            delta = _sparsified(delta, sparsifier, params, rescale=rescale,
+                                generator=partial(inputs.generator, index))
+        deltas[index] = delta
+    return deltas
 
 
-def combine_task_vectors(base: torch.Tensor, tensors: list[torch.Tensor], weights: list[float], *,
-                         normalize: bool, lambda_: float) -> torch.Tensor:
-    """``base + λ · Σ w_i (θ_i − base)`` with optional weight normalisation."""
-    deltas = torch.stack([t - base for t in tensors])  # (n_models, *shape)
-    weight = weight_column(weights, deltas)
-    mixed = (deltas * weight).sum(dim=0)
-    if normalize:
-        divisor = weight.sum(dim=0)
+def sign_agreement(deltas: torch.Tensor, consensus: Consensus) -> torch.Tensor:
+    """Where each entry's sign equals the elected one: ``(n_models, *shape)`` bool.
+
+    ``"sum"`` elects the sign of ``Σ_i τ_i`` (summed in the deltas' dtype), ``"count"`` the sign of
+    ``Σ_i sign(τ_i)``; 0 elects +. Zero entries never agree.
+    """
+    signs = deltas.sign().to(torch.int8)  # (n_models, *shape)
+    total = deltas.sum(dim=0) if consensus == "sum" else signs.sum(dim=0)  # (*shape)
+    elected = (total >= 0).to(torch.int8) * 2 - 1  # (*shape)
+    return signs == elected
+
+
+def _weighted_mix(deltas: torch.Tensor, weights: torch.Tensor, consensus: Consensus | None, *,
+                  normalize: bool) -> torch.Tensor:
+    """``Σ_i m_i w_i τ_i`` (÷ ``Σ_i m_i w_i``): ``(*shape)``; ``deltas`` is scaled in place."""
+    deltas.mul_(weights)  # (n_models, *shape)
+    if consensus is None:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
         divisor[divisor.abs() < _TINY_WEIGHT_SUM] = 1
-        mixed = mixed / divisor
-    if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+    else:
+        agree = sign_agreement(deltas, consensus)  # (n_models, *shape)
+        mixed = (deltas * agree).sum(dim=0)
+        divisor = (weights * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    return mixed / divisor if normalize else mixed
 
 
-@register("task_arithmetic", model_params=TaskArithmeticModelParams,
-          method_params=TaskArithmeticParams, base="required", min_models=1,
-          summary="adds the weighted task vectors (model − base) to the base", elementwise=True,
-          scratch=lambda n, size: (2 * n + 2) * size)  # deltas, weighted deltas, sum, result
-def task_arithmetic(inputs: MergeInputs) -> torch.Tensor:
-    assert inputs.base is not None
-    params = inputs.params
-    return combine_task_vectors(
-        inputs.base, list(inputs.tensors),
-        [p.weight for p in inputs.model_params],  # type: ignore[attr-defined]
-        normalize=params.normalize, lambda_=params.lambda_,  # type: ignore[attr-defined]
-    )
+def energy_weights(deltas: torch.Tensor) -> torch.Tensor:
+    """SCE's ``mean(τ_i²) / Σ_j mean(τ_j²)``, or ``1/n`` each when the sum is below 1e-6.
+
+    Returns ``(n_models, 1, ..., 1)`` in the deltas' dtype.
+    """
+    energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)  # (n_models,)
+    total = float(energy.sum())
+    weights = torch.ones_like(energy) / energy.numel() if abs(total) < _TINY_ENERGY else energy / total
+    return weights.view(-1, *([1] * (deltas.dim() - 1)))
+
+
+def _energy_mix(deltas: torch.Tensor, consensus: Consensus | None) -> torch.Tensor:
+    """``Σ_i m_i e_i τ_i / max(Σ_i m_i e_i, 1e-6)``: ``(*shape)``."""
+    weights = energy_weights(deltas)  # (n_models, 1, ..., 1)
+    kept = weights * sign_agreement(deltas, consensus) if consensus else weights
+    return (deltas * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=_TINY_ENERGY)
+
+
+def merge_task_vectors(inputs: MergeInputs, method: TaskVectorMethod) -> torch.Tensor:
+    """The shared kernel: ``θ_base + λ · mix(sparsify(θ_i − θ_base))`` as the row says.
+
+    See the module docstring for the formula; returns the base itself when no other model
+    contributes to this tensor.
+    """
+    base = inputs.base
+    assert base is not None
+    if not inputs.tensors:
+        return base
+    settings = _settings(inputs.params)
+    deltas = task_vectors(inputs, method.sparsifier, rescale=settings.rescale)  # (n_models, *shape)
+    if method.select and settings.select_topk < 1:
+        deltas = deltas * sparsify.variance_top_mask(deltas, settings.select_topk)
+    if method.weighting == "energy":
+        mixed = _energy_mix(deltas, method.consensus)  # (*shape)
+    else:
+        weights = weight_column(_weights(inputs.model_params), deltas)  # (n_models, 1, ..., 1)
+        mixed = _weighted_mix(deltas, weights, method.consensus, normalize=settings.normalize)
+    if settings.lambda_ != 1:
+        mixed = mixed * settings.lambda_
+    return (base + mixed).to(base.dtype)
+
+
+def _weights(model_params: Sequence[BaseModel]) -> list[float]:
+    weights = []
+    for params in model_params:
+        assert isinstance(params, TaskVectorModelParams)
+        weights.append(params.weight)
+    return weights
+
+
+for _method in METHODS:
+    register(_method.name, model_params=_method.model_params, method_params=_method.method_params,
+             base="required", min_models=1, summary=_method.summary,
+             stochastic=_method.stochastic, elementwise=_method.elementwise,
+             )(partial(merge_task_vectors, method=_method))

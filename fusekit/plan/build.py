@@ -223,7 +223,7 @@ class PlanBuilder:
         params = self._resolve(self.method.method_params, scope, output, t, None, output)
         native = _promote([i.dtype for i in infos])
         compute = self.compute_dtype or native
-        out_dtype = self.out_dtype or compute
+        out_dtype = self.out_dtype or self.method.result_dtype(compute)
         if not native.is_floating_point:  # integer buffers are copied as they are
             compute = out_dtype = native
         return TensorTask(output=output, method=self.method.name,
