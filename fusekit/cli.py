@@ -17,7 +17,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import click
 import typer
 
 from fusekit import __version__
@@ -34,15 +33,15 @@ _UNITS = {"": 1, "b": 10**9, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "
           "tib": 2**40}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--out-shard-size") -> int:
     """``500MB`` → 500_000_000; ``2GiB`` → 2_147_483_648; ``5B`` (mergekit: billion) → 5e9."""
     match = _SIZE.match(text)
     unit = match.group("unit").lower() if match else None
     if match is None or unit not in _UNITS:
-        raise typer.BadParameter(f"'{text}' is not a size; write e.g. 500MB, 2GB, 1GiB or 5B")
+        raise FusekitError(f"{option}: '{text}' is not a size; write e.g. 500MB, 2GB, 1GiB or 5B")
     size = int(float(match.group("number")) * _UNITS[unit])
     if size <= 0:
-        raise typer.BadParameter(f"'{text}' must be larger than zero")
+        raise FusekitError(f"{option}: '{text}' must be larger than zero")
     return size
 
 
@@ -108,7 +107,7 @@ def merge(
     result = run_merge(recipe, out_dir, overwrite=overwrite, out_shard_size=parse_size(out_shard_size),
                        device=device.value, allow_pickle=allow_pickle,
                        copy_tokenizer_files=copy_tokenizer, random_seed=random_seed,
-                       max_memory=parse_size(max_memory), pipelined=not sequential,
+                       max_memory=parse_size(max_memory, "--max-memory"), pipelined=not sequential,
                        progress=not quiet and sys.stderr.isatty() and not os.environ.get("CI"))
     stats = result.stats
     if output_format is Format.json:
@@ -139,7 +138,8 @@ def plan(
     from fusekit.plan.report import format_plan, plan_summary
 
     merge_plan = build(recipe, allow_pickle=allow_pickle)
-    limits = {"max_shard_bytes": parse_size(out_shard_size), "max_memory": parse_size(max_memory)}
+    limits = {"max_shard_bytes": parse_size(out_shard_size),
+              "max_memory": parse_size(max_memory, "--max-memory")}
     if output_format is Format.json:
         summary: dict[str, Any] = plan_summary(merge_plan, **limits)
         typer.echo(json.dumps(summary, indent=2))
@@ -151,7 +151,11 @@ class Terminated(KeyboardInterrupt):
     """Raised by the SIGTERM handler so that cleanup runs as for Ctrl-C."""
 
 
+_signals: list[int] = []  # typer turns KeyboardInterrupt into exit code 130; this says which
+
+
 def _on_sigterm(signum: int, frame: object) -> NoReturn:
+    _signals.append(signum)
     raise Terminated()
 
 
@@ -167,14 +171,19 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("FUSEKIT_DEBUG") == "1"
     try:
         code = app(args=argv, prog_name="fusekit", standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
-    except (click.Abort, KeyboardInterrupt) as exc:
-        terminated = isinstance(exc, Terminated) or isinstance(exc.__context__, Terminated)
-        _fail("interrupted; no output was left behind", 143 if terminated else 130)
+    except typer.TyperException as exc:  # usage errors: bad option, missing argument
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"fusekit: error: {exc}", err=True)
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
     except FusekitError as exc:
         if debug:
             raise
         _fail(f"error: {exc}", exc.exit_code)
+    if _signals or code == 130:
+        _fail("interrupted; no output was left behind", 143 if _signals else 130)
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -77,7 +77,12 @@ def test_readme_python_example_runs(demo_tree: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_readme_documents_every_method_and_key() -> None:
+    rows = {line.split("|")[1].strip(" `"): line for line in README.splitlines()
+            if line.startswith("| `")}
     for name in fusekit.ops.method_names():
-        assert f"`{name}`" in README, f"README's method table lacks {name}"
+        assert name in rows, f"README's method table lacks {name}"
+        method = fusekit.ops.get_method(name)
+        for parameter in method.parameter_names():
+            assert f"`{parameter}`" in rows[name], f"README's {name} row lacks {parameter}"
     for key in fusekit.recipe.MergeRecipe.model_fields:
         assert f"`{key}`" in README, f"README's recipe table lacks {key}"

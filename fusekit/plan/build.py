@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,8 +155,7 @@ class PlanBuilder:
         slices = self.slices()
         tasks: list[TensorTask] = []
         first, last = slices[0], slices[-1]
-        template = self.readers[first.sources[0].model]
-        pre = [n for n in template.names() if role(n) == "pre"]
+        pre = self._shared_names(first, lambda name, source: role(name) == "pre")
         tasks += [self._task(name, [(s, name) for s in first.sources], first, 0.0) for name in pre]
         out_layer = 0
         for out_slice in slices:
@@ -175,8 +174,8 @@ class PlanBuilder:
 
     def _layer_tasks(self, out_slice: _Slice, i: int, out_layer: int, t: float) -> list[TensorTask]:
         first = out_slice.sources[0]
-        reader = self.readers[first.model]
-        names = [n for n in reader.names() if layer_index(n) == first.start + i]
+        names = self._shared_names(out_slice, lambda name, source: layer_index(name) == source.start + i,
+                                   lambda name: with_layer_index(name, 0))
         if not names:
             raise TensorMismatchError(f"model '{first.model}' has no tensors for layer "
                                       f"{first.start + i}; check layer_range")
@@ -187,8 +186,7 @@ class PlanBuilder:
         return tasks
 
     def _post_tasks(self, last: _Slice) -> list[TensorTask]:
-        template = self.readers[last.sources[0].model]
-        post = [n for n in template.names() if role(n) == "post" and not is_lm_head(n)]
+        post = self._shared_names(last, lambda name, source: role(name) == "post" and not is_lm_head(name))
         tasks = [self._task(name, [(s, name) for s in last.sources], last, 0.0) for name in post]
         if self.tie_output:
             return tasks
@@ -197,6 +195,25 @@ class PlanBuilder:
             inputs = [(s, self._head_or_embedding(s.model, head)) for s in last.sources]
             tasks.append(self._task(head, inputs, last, 0.0))
         return tasks
+
+    def _shared_names(self, out_slice: _Slice, selects: Callable[[str, _Source], bool],
+                      key: Callable[[str], str] = lambda name: name) -> list[str]:
+        """Names the first source's selection holds, after checking every source holds the same
+        set (compared by ``key``, e.g. with the layer index blanked)."""
+        first = out_slice.sources[0]
+        names = [n for n in self.readers[first.model].names() if selects(n, first)]
+        expected = {key(n): n for n in names}
+        for source in out_slice.sources[1:]:
+            found = {key(n): n for n in self.readers[source.model].names() if selects(n, source)}
+            for extra in found.keys() - expected.keys():
+                raise TensorMismatchError(
+                    f"tensor '{found[extra]}' is in model '{source.model}' but missing from "
+                    f"'{first.model}'; the models do not share an architecture")
+            for lacking in expected.keys() - found.keys():
+                raise TensorMismatchError(
+                    f"tensor '{expected[lacking]}' is in model '{first.model}' but missing from "
+                    f"'{source.model}'; the models do not share an architecture")
+        return names
 
     def _head_or_embedding(self, model: str, head: str) -> str:
         """A tied model has no LM head tensor; its input embedding plays that part."""

@@ -120,10 +120,14 @@ def _check_models(method: MergeMethod, recipe: MergeRecipe) -> list[Problem]:
 def _count_problem(method: MergeMethod, loc: Location, count: int,
                    separate_base: bool) -> list[Problem]:
     low, high = method.min_models, method.max_models
-    what = "models besides the base" if separate_base else "models"
+
+    def models(n: int) -> str:
+        noun = "model" if n == 1 else "models"
+        return f"{n} {noun} besides the base" if separate_base else f"{n} {noun}"
+
     if count < low:
-        return [(loc, f"{method.name} needs at least {low} {what}, got {count}")]
+        return [(loc, f"{method.name} needs at least {models(low)}, got {count}")]
     if high is not None and count > high:
-        exact = f"exactly {high}" if low == high else f"at most {high}"
-        return [(loc, f"{method.name} takes {exact} {what}, got {count}")]
+        exact = "exactly" if low == high else "at most"
+        return [(loc, f"{method.name} takes {exact} {models(high)}, got {count}")]
     return []

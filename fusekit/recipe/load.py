@@ -24,6 +24,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 # Aliases can expand exponentially ("billion laughs"); recipes never need many.
 _MAX_ALIASES = 100
+_MAX_NODES = 100_000  # values in the expanded document; real recipes have a few hundred
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ def _collect_marks(node: yaml.Node, loc: Location, marks: dict[Location, tuple[i
                    counter: list[int]) -> None:
     """Record 1-based line/column of every node; refuse duplicate keys and alias bombs."""
     marks.setdefault(loc, (node.start_mark.line + 1, node.start_mark.column + 1))
+    counter[0] += 1
+    if counter[0] > _MAX_NODES:
+        raise _DuplicateKey("the document is too large or expands aliases too far", loc)
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -66,9 +70,6 @@ def _collect_marks(node: yaml.Node, loc: Location, marks: dict[Location, tuple[i
             _collect_marks(value_node, (*loc, key), marks, counter)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            counter[0] += 1
-            if counter[0] > 1_000_000:
-                raise _DuplicateKey("the document is too large or expands aliases too far", loc)
             _collect_marks(item, (*loc, index), marks, counter)
 
 
