@@ -84,15 +84,15 @@ def test_peak_working_bytes_is_the_largest_admitted_window(tiny_models: dict[str
                                                            tmp_path: Path) -> None:
     plan = fusekit.plan(_recipe(tmp_path, tiny_models, "linear"))
     units = [WorkUnit(task) for task in plan.tasks]
-    sizes = [u.working_bytes for u in units]
-    assert peak_working_bytes(units, None) == max(sizes)
-    assert peak_working_bytes(units, 10**12) == sum(sizes)
-    budget = max(sizes) + min(sizes)
-    expected = max(
-        max(sum(sizes[i:j]) for i in range(len(sizes)) for j in range(i + 1, len(sizes) + 1)
-            if sum(sizes[i:j]) <= budget),
-        max(sizes))
-    assert peak_working_bytes(units, budget) == expected
+    held = [u.held_bytes for u in units]
+    transient = max(u.transient_bytes for u in units)
+    assert all(u.held_bytes + u.transient_bytes == u.working_bytes for u in units)
+    assert peak_working_bytes(units, None) == max(u.working_bytes for u in units)
+    assert peak_working_bytes(units, 10**12) == sum(held) + transient
+    limit = max(held) + min(held)
+    expected = max(sum(held[i:j]) for i in range(len(held)) for j in range(i + 1, len(held) + 1)
+                   if sum(held[i:j]) <= limit or j == i + 1)
+    assert peak_working_bytes(units, limit + transient) == expected + transient
 
 
 def test_budget_blocks_until_release_and_lets_an_oversized_request_run_alone() -> None:

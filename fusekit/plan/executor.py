@@ -3,9 +3,10 @@
 The work is cut into units (a whole tensor, or a block of rows of a large tensor whose method is
 elementwise). In the pipelined mode a reader thread prefetches the next units' inputs, the calling
 thread runs the kernels, and a writer thread writes results at their file offsets, so reading,
-arithmetic and writing overlap. Every unit reserves its working bytes from a budget
-(``--max-memory`` minus the process's own footprint) before it is read and frees them once written,
-which bounds resident memory whatever the model size. The sequential mode runs the same units in
+arithmetic and writing overlap. Every unit reserves its held bytes (inputs and output) from a
+budget before it is read and frees them once written; the budget is ``--max-memory`` minus the
+process's own footprint and minus the largest kernel's temporaries, which only the one unit in the
+kernel has. Resident memory is so bounded whatever the model size. The sequential mode runs the same units in
 order on one thread; both give identical bytes.
 """
 
@@ -67,6 +68,14 @@ class WorkUnit:
     @property
     def working_bytes(self) -> int:
         return self.task.working_bytes(self._row_count())
+
+    @property
+    def held_bytes(self) -> int:
+        return self.task.memory(self._row_count())[0]
+
+    @property
+    def transient_bytes(self) -> int:
+        return self.task.memory(self._row_count())[1]
 
     @property
     def out_bytes(self) -> int:
@@ -135,19 +144,30 @@ def split_units(plan: Plan, budget: int | None) -> list[WorkUnit]:
     return units
 
 
-def peak_working_bytes(units: list[WorkUnit], budget: int | None) -> int:
-    """The most working memory that can be reserved at once under ``budget``: the largest sum of
-    consecutive units the budget admits together (a unit larger than the budget runs alone)."""
+def held_budget(units: list[WorkUnit], budget: int | None) -> int | None:
+    """The part of ``budget`` for held bytes: what is left after reserving the largest kernel's
+    temporaries, which exist for one unit at a time (kernels run on one thread)."""
     if budget is None:
+        return None
+    return max(1, budget - max((u.transient_bytes for u in units), default=0))
+
+
+def peak_working_bytes(units: list[WorkUnit], budget: int | None) -> int:
+    """The most working memory a run can hold at once: the largest sum of held bytes over
+    consecutive units that the held budget admits together (a unit larger than it runs alone),
+    plus the largest kernel's temporaries."""
+    transient = max((u.transient_bytes for u in units), default=0)
+    limit = held_budget(units, budget)
+    if limit is None:
         return max((u.working_bytes for u in units), default=0)
     peak = window = start = 0
-    for unit in units:
-        window += unit.working_bytes
-        while window > budget and start < len(units) and units[start] is not unit:
-            window -= units[start].working_bytes
+    for index, unit in enumerate(units):
+        window += unit.held_bytes
+        while window > limit and start < index:
+            window -= units[start].held_bytes
             start += 1
         peak = max(peak, window)
-    return peak
+    return peak + transient
 
 
 class ByteBudget:
@@ -232,7 +252,7 @@ class Executor:
             write(unit, self.compute(unit, self.read(unit)))
 
     def _run_pipelined(self, write: Callable[[WorkUnit, torch.Tensor], None]) -> None:
-        budget = ByteBudget(self.budget)
+        budget = ByteBudget(held_budget(self.units, self.budget))
         loaded: queue.Queue[tuple[WorkUnit, list[torch.Tensor]] | BaseException] = queue.Queue()
         results: queue.Queue[tuple[WorkUnit, torch.Tensor] | None] = queue.Queue()
         failure: list[BaseException] = []
@@ -242,7 +262,7 @@ class Executor:
             try:
                 for unit in self.units:
                     self._warn_if_large(unit)
-                    budget.acquire(unit.working_bytes)
+                    budget.acquire(unit.held_bytes)
                     if stop.is_set():
                         return
                     loaded.put((unit, self.read(unit)))
@@ -259,7 +279,7 @@ class Executor:
                     failure.append(exc)
                 finally:
                     del result
-                    budget.release(unit.working_bytes)
+                    budget.release(unit.held_bytes)
 
         threads = [threading.Thread(target=read_all, name="fusekit-read", daemon=True),
                    threading.Thread(target=write_all, name="fusekit-write", daemon=True)]

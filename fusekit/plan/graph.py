@@ -64,11 +64,12 @@ class TensorTask:
     def out_bytes(self) -> int:
         return self.numel * self.out_dtype.itemsize
 
-    def working_bytes(self, rows: int | None = None) -> int:
-        """Memory held while this task (or ``rows`` of its rows) is read, merged and written.
+    def memory(self, rows: int | None = None) -> tuple[int, int]:
+        """(held, transient) bytes for this task, or for ``rows`` of its rows.
 
-        The stored inputs, their compute-dtype copies when the dtype changes, the kernel's
-        temporaries (as its method declares) and the output block.
+        Held bytes live from reading to writing: the stored inputs and the output block.
+        Transient bytes exist only while the kernel runs: compute-dtype copies of the inputs when
+        the dtype changes, and the kernel's temporaries as its method declares them.
         """
         from fusekit.ops import get_method
 
@@ -77,7 +78,11 @@ class TensorTask:
         converted = sum(numel * self.compute_dtype.itemsize for i in self.all_inputs
                         if i.dtype != self.compute_dtype)
         per_element = get_method(self.method).scratch(len(self.all_inputs), self.compute_dtype.itemsize)
-        return stored + converted + numel * per_element + numel * self.out_dtype.itemsize
+        return stored + numel * self.out_dtype.itemsize, converted + numel * per_element
+
+    def working_bytes(self, rows: int | None = None) -> int:
+        """All the memory this task (or ``rows`` of it) needs at its peak."""
+        return sum(self.memory(rows))
 
 
 @dataclass(frozen=True)
