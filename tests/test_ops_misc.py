@@ -590,9 +590,9 @@ def load_error(text: str) -> RecipeError:
 
 @pytest.mark.parametrize(("method", "models", "message"), [
     ("model_stock", ["a"], "model_stock needs at least 2 models besides the base, got 1"),
-    ("nearswap", ["a", "b"], "nearswap takes exactly 1 models besides the base, got 2"),
-    ("arcee_fusion", ["a", "b"], "arcee_fusion takes exactly 1 models besides the base, got 2"),
-    ("arcee_fusion", [], "arcee_fusion needs at least 1 models besides the base, got 0"),
+    ("nearswap", ["a", "b"], "nearswap takes exactly 1 model besides the base, got 2"),
+    ("arcee_fusion", ["a", "b"], "arcee_fusion takes exactly 1 model besides the base, got 2"),
+    ("arcee_fusion", [], "arcee_fusion needs at least 1 model besides the base, got 0"),
 ])
 def test_wrong_model_counts_fail_when_the_recipe_loads(method: str, models: list[str], message: str) -> None:
     listed = "".join(f"  - model: org/{m}\n" for m in ["base", *models])

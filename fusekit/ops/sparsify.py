@@ -28,9 +28,10 @@ magnitudes depends on the CPU's vector extensions (AVX2/AVX512 sorting networks 
 it has no reproducible rule. Here equal magnitudes are ordered by flat index (a stable sort), on every
 device. Without ties at the cut-off the kept set is mergekit's exactly.
 
-Selection uses byte histograms instead of a full sort: the cut-off magnitude is found by counting
-the integer bit patterns of ``|τ|`` (monotone in the value for non-negative floats), high half first
-for 32-bit floats, which is linear in the tensor size.
+Selection counts instead of sorting: the cut-off magnitude is found from histograms of the integer
+bit patterns of ``|τ|`` (ordered like the values, since they are non-negative floats), the high 16
+bits first for 32-bit floats; this is linear in the tensor size, where mergekit's full argsort is
+``O(n log n)`` and several times slower on a 32000 × 2048 embedding.
 """
 
 from __future__ import annotations

@@ -154,6 +154,20 @@ class TaskVectorMethod:
     def elementwise(self) -> bool:
         return self.sparsifier is None and self.consensus is None and self.weighting == "weight"
 
+    def scratch(self, n_inputs: int, size: int) -> int:
+        """Bytes of kernel temporaries per element (measured peaks, rounded up).
+
+        The stacked task vectors stay while one model at a time is sparsified (int64 ranks for
+        DELLA, float32 draws for the random rules), then the election and the weighted sums each
+        take about one more stack.
+        """
+        models, wide = n_inputs - 1, max(size, 4)
+        sparsify = {None: size, "magnitude": 4 * size + 10, "magnitude_outliers": 4 * size + 10,
+                    "random": 3 * wide + 5, "della_magprune": 3 * wide + 28}[self.sparsifier]
+        stacks = 3 if self.weighting == "energy" else 2
+        combine = stacks * models * size + 2 * models + 3 * size if self.consensus else 2 * size
+        return models * size + max(sparsify, combine)
+
 
 METHODS: tuple[TaskVectorMethod, ...] = (
     TaskVectorMethod(
@@ -278,7 +292,8 @@ def _weighted_mix(deltas: torch.Tensor, weights: torch.Tensor, consensus: Consen
         divisor = weights.sum(dim=0)
         divisor[divisor.abs() < _TINY_WEIGHT_SUM] = 1
     else:
-        agree = sign_agreement(deltas, consensus)  # (n_models, *shape)
+        # 0/1 in the deltas' dtype: the products equal those with the bool mask, computed faster
+        agree = sign_agreement(deltas, consensus).to(deltas.dtype)  # (n_models, *shape)
         mixed = (deltas * agree).sum(dim=0)
         divisor = (weights * agree).sum(dim=0)
         divisor[divisor == 0] = 1
@@ -339,4 +354,4 @@ for _method in METHODS:
     register(_method.name, model_params=_method.model_params, method_params=_method.method_params,
              base="required", min_models=1, summary=_method.summary,
              stochastic=_method.stochastic, elementwise=_method.elementwise,
-             )(partial(merge_task_vectors, method=_method))
+             scratch=_method.scratch)(partial(merge_task_vectors, method=_method))

@@ -296,7 +296,8 @@ class PlanBuilder:
             place = "that model's parameters" if model else "the top-level parameters"
             return (f"{self.method.name} needs parameter '{key}' for {whose} (tensor '{output}'); "
                     f"set it in {place} or the top-level parameters")
-        return f"parameter '{key}' for {whose} at tensor '{output}': {error['msg']}"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        return f"parameter '{key}' for {whose} at tensor '{output}': {message}"
 
     @staticmethod
     def _check_unique(names: list[str]) -> None:
