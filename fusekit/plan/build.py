@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -104,7 +104,6 @@ class PlanBuilder:
             self.donor = recipe.slices[0].sources[0].model
         self.compute_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
         self.out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
-        self.tie_output = bool(self.configs[self.donor].get("tie_word_embeddings", False))
 
     # -- slices -------------------------------------------------------------------------------
 
@@ -163,12 +162,17 @@ class PlanBuilder:
                 t = i / (out_slice.length - 1) if out_slice.length > 1 else 1.0
                 tasks += self._layer_tasks(out_slice, i, out_layer, t)
                 out_layer += 1
-        tasks += self._post_tasks(last)
+        # mergekit pairs the last slice's sources with as many weights as the first slice has
+        # sources, so only that many feed the final norm and head; the same here, for parity.
+        post_slice = replace(last, sources=last.sources[:len(first.sources)])
+        tasks += self._post_tasks(post_slice)
         self._check_unique([task.output for task in tasks])
         tokenizer_source = self._tokenizer_source()
+        writes_head = any(is_lm_head(task.output) for task in tasks)
         return Plan(recipe=self.recipe, recipe_text=self.recipe_text, models=self.models,
                     donor=self.donor, tasks=tuple(tasks),
-                    out_config=self._out_config(out_layer if self.recipe.slices else None),
+                    out_config=self._out_config(out_layer if self.recipe.slices else None,
+                                                untie=writes_head),
                     tokenizer_source=tokenizer_source,
                     chat_template=resolve_chat_template(self.recipe.chat_template, tokenizer_source))
 
@@ -188,8 +192,7 @@ class PlanBuilder:
     def _post_tasks(self, last: _Slice) -> list[TensorTask]:
         post = self._shared_names(last, lambda name, source: role(name) == "post" and not is_lm_head(name))
         tasks = [self._task(name, [(s, name) for s in last.sources], last, 0.0) for name in post]
-        if self.tie_output:
-            return tasks
+        # An LM head is written when any input has one; tied inputs give their embedding.
         heads = {n for s in last.sources for n in self.readers[s.model].names() if is_lm_head(n)}
         for head in sorted(heads):
             inputs = [(s, self._head_or_embedding(s.model, head)) for s in last.sources]
@@ -310,8 +313,14 @@ class PlanBuilder:
 
     # -- files beside the weights -------------------------------------------------------------
 
-    def _out_config(self, num_layers: int | None) -> dict[str, Any]:
+    def _out_config(self, num_layers: int | None, *, untie: bool) -> dict[str, Any]:
         config = dict(self.configs[self.donor])
+        if untie and config.get("tie_word_embeddings"):
+            # The merged head differs from the merged embedding; a tied config would discard it.
+            log.warning("the base config ties the LM head to the embeddings, but other models have "
+                        "their own heads; the output gets a merged head and tie_word_embeddings: "
+                        "false")
+            config["tie_word_embeddings"] = False
         dtype = self.recipe.out_dtype or self.recipe.dtype
         if dtype:
             config["dtype"] = dtype

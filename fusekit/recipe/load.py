@@ -8,6 +8,7 @@ value stands, so a pydantic error location such as ``('models', 1, 'parameters')
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ class _DuplicateKey(Exception):
 
 
 class _CountingLoader(yaml.SafeLoader):
-    """Safe loader that refuses documents using more aliases than any recipe needs."""
+    """Safe loader that refuses documents using more aliases than any recipe needs, and reads
+    ``1e-3`` as a float (YAML 1.2) rather than a string (YAML 1.1)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -94,6 +96,11 @@ class _CountingLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None, None, f"more than {_MAX_ALIASES} YAML aliases; expand them by hand", mark)
         return super().compose_node(parent, index)
+
+
+_CountingLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
 
 
 def parse_yaml(text: str, name: str) -> tuple[Any, RecipeSource]:

@@ -49,7 +49,11 @@ def evaluate(value: ParameterValue, tensor_name: str, t: float) -> Scalar | None
                 return evaluate(entry.value, tensor_name, t)
         return None
     if isinstance(value, tuple):
-        return interpolate_gradient([float(v) for v in value if not isinstance(v, Filtered)], t)
+        if all(isinstance(v, float) for v in value):
+            return interpolate_gradient([float(v) for v in value if isinstance(v, float)], t)
+        step = value[int(t * (len(value) - 1))]  # bools and strings are not interpolated
+        assert not isinstance(step, Filtered)
+        return step
     return value
 
 

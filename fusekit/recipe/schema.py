@@ -30,7 +30,7 @@ def _normalise_dtype(value: Any) -> Any:
 DType = Annotated[DTypeName, BeforeValidator(_normalise_dtype)]
 
 Scalar = float | bool | str
-Gradient = tuple[float, ...]
+Gradient = tuple[float, ...] | tuple[bool | str, ...]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ def _parse_scalar_or_gradient(value: Any) -> Scalar | Gradient:
         return float(value)
     if isinstance(value, list) and value and all(_is_number(v) for v in value):
         return tuple(float(v) for v in value)
+    if isinstance(value, list) and value and all(isinstance(v, (bool, str)) for v in value):
+        return tuple(value)  # a step list: each layer takes the entry at floor(t · (n − 1))
     raise ValueError(
         f"must be a number, a list of numbers (a gradient across layers) or a list of "
         f"{{filter, value}} entries, got {value!r}"
