@@ -323,8 +323,9 @@ class PlanBuilder:
             config["tie_word_embeddings"] = False
         dtype = self.recipe.out_dtype or self.recipe.dtype
         if dtype:
-            config["dtype"] = dtype
-            config.pop("torch_dtype", None)
+            # transformers 5 writes "dtype"; configs saved by older versions say "torch_dtype"
+            key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+            config[key] = dtype
         if num_layers is not None:
             key = next((k for k in LAYER_COUNT_KEYS if k in config), "num_hidden_layers")
             config[key] = num_layers
