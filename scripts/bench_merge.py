@@ -166,8 +166,9 @@ def run_mergekit(recipe_path: Path, out_dir: Path) -> dict[str, float] | None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from parity_mergekit import ensure_venv
 
-    mergekit_yaml = ensure_venv(Path(tempfile.gettempdir()) / "fusekit-parity" / "venv-mergekit",
-                                reinstall=False, torch_index_url=None)
+    python = ensure_venv(Path(tempfile.gettempdir()) / "fusekit-parity" / "venv-mergekit",
+                         reinstall=False, torch_index_url=None)
+    mergekit_yaml = python.parent / "mergekit-yaml"
     command = [str(mergekit_yaml), str(recipe_path), str(out_dir), "--device", "cpu",
                "--quiet", "--random-seed", "0"]
     shutil.rmtree(out_dir, ignore_errors=True)
