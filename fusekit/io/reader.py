@@ -156,8 +156,13 @@ class CheckpointReader:
                 f"tensor '{name}' is missing from model '{self.model.ref}'; the models do not "
                 "share an architecture (check the model paths)") from None
 
-    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Read one tensor, or rows ``[start, stop)`` of it, into memory (CPU)."""
+    def get(self, name: str, rows: tuple[int, int] | None = None, *,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor, or rows ``[start, stop)`` of it, into memory (CPU).
+
+        ``out``, a 1-D uint8 tensor of exactly the bytes needed, receives the data instead of a
+        new allocation (see :class:`fusekit.io.buffers.BufferPool`).
+        """
         info = self.info(name)
         if self.model.is_pickle:
             tensor = self._load_pickle(info.file)[name]
@@ -166,9 +171,19 @@ class CheckpointReader:
         if rows is not None:
             row_bytes = info.nbytes // shape[0] if shape[0] else 0
             shape, offset = (rows[1] - rows[0], *shape[1:]), offset + rows[0] * row_bytes
-        tensor = torch.empty(shape, dtype=info.dtype)
+        if out is None:
+            tensor = torch.empty(shape, dtype=info.dtype)
+        else:
+            tensor = out.view(info.dtype).view(shape) if out.numel() else torch.empty(shape, dtype=info.dtype)
         self._read_into(info, tensor_bytes(tensor), offset)
         return tensor
+
+    def nbytes(self, name: str, rows: tuple[int, int] | None = None) -> int:
+        """Bytes :meth:`get` reads for ``name`` (and ``rows``)."""
+        info = self.info(name)
+        if rows is None or not info.shape or not info.shape[0]:
+            return info.nbytes
+        return info.nbytes // info.shape[0] * (rows[1] - rows[0])
 
     def _read_into(self, info: TensorInfo, view: memoryview, offset: int) -> None:
         fd = self._fds.get(info.file)

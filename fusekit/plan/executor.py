@@ -12,6 +12,7 @@ order on one thread; both give identical bytes.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import torch
 
 from fusekit import __version__
 from fusekit.errors import FusekitError, TensorMismatchError
+from fusekit.io.buffers import BufferPool
 from fusekit.io.layout import TensorSpec
 from fusekit.io.reader import CheckpointReader
 from fusekit.io.writer import ShardWriter
@@ -38,6 +40,7 @@ log = logging.getLogger("fusekit")
 # Units are cut so that about this many fit in the budget at once: one being read, one in the
 # kernel, one being written, and one spare.
 UNITS_IN_FLIGHT = 4
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 # Below this a budget only slows a merge down (tiny row blocks) without saving memory that matters.
 MIN_WORKING_BYTES = 64 * 2**20
 
@@ -78,12 +81,33 @@ class WorkUnit:
         return self.task.memory(self._row_count())[1]
 
     @property
+    def stored_bytes(self) -> int:
+        count = self._row_count()
+        numel = self.task.numel if count is None else self.task.numel // self.task.shape[0] * count
+        return sum(numel * i.dtype.itemsize for i in self.task.all_inputs)
+
+    @property
     def out_bytes(self) -> int:
         count = self._row_count()
         return self.task.out_bytes if count is None else self.task.out_bytes // self.task.shape[0] * count
 
     def _row_count(self) -> int | None:
         return None if self.rows is None else self.rows[1] - self.rows[0]
+
+
+def map_large_allocations(threshold: int = 4 * 2**20) -> bool:
+    """Have glibc serve allocations above ``threshold`` with their own memory maps.
+
+    Tensors are allocated on one thread and freed on another; glibc's default, a threshold that
+    rises with the sizes freed, then keeps tens of megabytes per tensor size in its heaps. A fixed
+    threshold returns every large tensor to the system when freed: on a 2B-parameter merge peak
+    resident memory fell by about a third, at no cost in speed. Returns False where not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -149,7 +173,15 @@ def held_budget(units: list[WorkUnit], budget: int | None) -> int | None:
     temporaries, which exist for one unit at a time (kernels run on one thread)."""
     if budget is None:
         return None
-    return max(1, budget - max((u.transient_bytes for u in units), default=0))
+    reserved = max((u.transient_bytes for u in units), default=0) + idle_limit(units, budget)
+    return max(1, budget - reserved)
+
+
+def idle_limit(units: list[WorkUnit], budget: int | None) -> int:
+    """How many bytes of idle read buffers the pool may keep: enough for one unit's inputs, which
+    is what the next unit of the same shapes reuses."""
+    largest = max((u.stored_bytes for u in units), default=0)
+    return largest if budget is None else min(largest, budget // UNITS_IN_FLIGHT)
 
 
 def peak_working_bytes(units: list[WorkUnit], budget: int | None) -> int:
@@ -159,7 +191,7 @@ def peak_working_bytes(units: list[WorkUnit], budget: int | None) -> int:
     transient = max((u.transient_bytes for u in units), default=0)
     limit = held_budget(units, budget)
     if limit is None:
-        return max((u.working_bytes for u in units), default=0)
+        return max((u.working_bytes for u in units), default=0) + idle_limit(units, budget)
     peak = window = start = 0
     for index, unit in enumerate(units):
         window += unit.held_bytes
@@ -167,7 +199,7 @@ def peak_working_bytes(units: list[WorkUnit], budget: int | None) -> int:
             window -= units[start].held_bytes
             start += 1
         peak = max(peak, window)
-    return peak + transient
+    return peak + transient + idle_limit(units, budget)
 
 
 class ByteBudget:
@@ -212,12 +244,14 @@ class Executor:
         self.pipelined = pipelined
         self.budget = working_budget(max_memory)
         self.units = split_units(plan, self.budget)
+        self.pool = BufferPool(idle_limit(self.units, self.budget))
         self.readers = {ref: CheckpointReader(model) for ref, model in plan.models.items()}
         self._warned_large = False
 
     def run(self, out: Path) -> ExecutionStats:
         from tqdm import tqdm
 
+        map_large_allocations()
         # Kernels get every core; reading and writing are system calls on their own threads.
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                               else os.cpu_count() or 1)
@@ -249,12 +283,16 @@ class Executor:
 
     def _run_sequential(self, write: Callable[[WorkUnit, torch.Tensor], None]) -> None:
         for unit in self.units:
-            write(unit, self.compute(unit, self.read(unit)))
+            stored, buffers = self.read(unit)
+            write(unit, self.compute(unit, stored))
+            del stored
+            self.recycle(buffers)
 
     def _run_pipelined(self, write: Callable[[WorkUnit, torch.Tensor], None]) -> None:
         budget = ByteBudget(held_budget(self.units, self.budget))
-        loaded: queue.Queue[tuple[WorkUnit, list[torch.Tensor]] | BaseException] = queue.Queue()
-        results: queue.Queue[tuple[WorkUnit, torch.Tensor] | None] = queue.Queue()
+        Loaded = tuple[WorkUnit, list[torch.Tensor], list[torch.Tensor]]
+        loaded: queue.Queue[Loaded | BaseException] = queue.Queue()
+        results: queue.Queue[Loaded | None] = queue.Queue()
         failure: list[BaseException] = []
         stop = threading.Event()
 
@@ -265,21 +303,25 @@ class Executor:
                     budget.acquire(unit.held_bytes)
                     if stop.is_set():
                         return
-                    loaded.put((unit, self.read(unit)))
+                    loaded.put((unit, *self.read(unit)))
             except BaseException as exc:  # handed to the main thread, which re-raises it
                 loaded.put(exc)
 
         def write_all() -> None:
             while (item := results.get()) is not None:
-                unit, result = item
+                unit, (result,), buffers = item
                 try:
                     if not failure:
                         write(unit, result)
                 except BaseException as exc:
                     failure.append(exc)
                 finally:
-                    del result
+                    del item, result
                     budget.release(unit.held_bytes)
+                try:
+                    self.recycle(buffers)
+                except BaseException as exc:  # keep draining so no thread waits forever
+                    failure.append(exc)
 
         threads = [threading.Thread(target=read_all, name="fusekit-read", daemon=True),
                    threading.Thread(target=write_all, name="fusekit-write", daemon=True)]
@@ -292,9 +334,9 @@ class Executor:
                     raise item
                 if failure:
                     raise failure[0]
-                unit, inputs = item
-                results.put((unit, self.compute(unit, inputs)))
-                del item, inputs
+                unit, inputs, buffers = item
+                results.put((unit, [self.compute(unit, inputs)], buffers))
+                del item, inputs, buffers
         finally:
             stop.set()
             budget.close()
@@ -314,9 +356,21 @@ class Executor:
 
     # -- one unit -------------------------------------------------------------------------------
 
-    def read(self, unit: WorkUnit) -> list[torch.Tensor]:
-        """The unit's input tensors (base last), as stored, on the CPU."""
-        return [self.readers[i.model].get(i.name, unit.rows) for i in unit.task.all_inputs]
+    def read(self, unit: WorkUnit) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The unit's input tensors (base last), as stored, on the CPU, and the pooled buffers
+        holding them (to :meth:`recycle` once the unit is written, not before: a kernel may
+        return an input itself)."""
+        tensors, buffers = [], []
+        for tensor_input in unit.task.all_inputs:
+            reader = self.readers[tensor_input.model]
+            buffer = self.pool.take(reader.nbytes(tensor_input.name, unit.rows))
+            tensors.append(reader.get(tensor_input.name, unit.rows, out=buffer))
+            buffers.append(buffer)
+        return tensors, buffers
+
+    def recycle(self, buffers: list[torch.Tensor]) -> None:
+        for buffer in buffers:
+            self.pool.give(buffer)
 
     def compute(self, unit: WorkUnit, stored: list[torch.Tensor]) -> torch.Tensor:
         """The unit's output block on the CPU, in the output dtype."""
