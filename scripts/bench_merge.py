@@ -209,6 +209,7 @@ def main() -> None:
                         help="time linear pipelined, sequential and with --max-memory 512MB")
     args = parser.parse_args()
     methods = method_names() if args.methods == ["all"] else args.methods
+    methods = sorted(methods, key=lambda m: m != "linear")  # linear first: the others' yardstick
     print(f"{'size':<6}{'method':<18}{'mode':<11}{'wall s':>8}{'merge s':>8}{'floor s':>8}"
           f"{'ratio':>7}{'/linear':>8}{'mergekit s':>11}{'speedup':>8}{'peak RSS':>9}{'anon':>7}"
           f"{'estimate':>9}", flush=True)

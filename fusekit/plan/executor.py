@@ -100,8 +100,10 @@ def map_large_allocations(threshold: int = 4 * 2**20) -> bool:
 
     Tensors are allocated on one thread and freed on another; glibc's default, a threshold that
     rises with the sizes freed, then keeps tens of megabytes per tensor size in its heaps. A fixed
-    threshold returns every large tensor to the system when freed: on a 2B-parameter merge peak
-    resident memory fell by about a third, at no cost in speed. Returns False where not glibc.
+    threshold returns every large tensor to the system when freed: on a 2B-parameter linear merge
+    peak resident memory fell by about a third, at no cost in speed; kernels with many large
+    temporaries pay for the page faults, so it is used for elementwise methods only. The setting
+    is process-wide. Returns False where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -245,13 +247,17 @@ class Executor:
         self.budget = working_budget(max_memory)
         self.units = split_units(plan, self.budget)
         self.pool = BufferPool(idle_limit(self.units, self.budget))
+        # Elementwise merges stream memory; kernels with many temporaries (TIES, DELLA, ...) run
+        # faster with glibc reusing its heap than with every large temporary freshly mapped.
+        self.streaming = all(get_method(task.method).elementwise for task in plan.tasks)
         self.readers = {ref: CheckpointReader(model) for ref, model in plan.models.items()}
         self._warned_large = False
 
     def run(self, out: Path) -> ExecutionStats:
         from tqdm import tqdm
 
-        map_large_allocations()
+        if self.streaming and os.environ.get("FUSEKIT_MMAP_THRESHOLD") != "0":
+            map_large_allocations()
         # Kernels get every core; reading and writing are system calls on their own threads.
         torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                               else os.cpu_count() or 1)
