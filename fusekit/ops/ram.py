@@ -21,6 +21,7 @@ tensor) mergekit produces NaN everywhere; here that model's ``λ`` is 1, which c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import cast
@@ -93,10 +94,20 @@ def reinforced_merge(inputs: MergeInputs, *, rescale_unique: bool) -> torch.Tens
     return base + merged.reshape_as(base)
 
 
+def _scratch(rescale_unique: bool) -> Callable[[int, int], int]:
+    """Temporaries per element: per model the delta, its kept, unique and shared parts and a
+    mask; an int64 contributor count and its clamp; the sums; float32 scales for RAM+."""
+
+    def per_element(n_inputs: int, size: int) -> int:
+        models = max(1, n_inputs - 1)
+        return models * (5 * size + 1 + (4 if rescale_unique else 0)) + 18 + 2 * size
+
+    return per_element
+
+
 for _variant in _VARIANTS:
     register(_variant.name, method_params=_variant.params, base="required", min_models=0,
-             summary=_variant.summary,
+             summary=_variant.summary, scratch=_scratch(_variant.rescale_unique),
              # ramplus_tl's float32 scales promote half-precision results, as in mergekit
              result_dtype=at_least_float32 if _variant.rescale_unique else None,
-             )(partial(reinforced_merge,
-                                               rescale_unique=_variant.rescale_unique))
+             )(partial(reinforced_merge, rescale_unique=_variant.rescale_unique))
