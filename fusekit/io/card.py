@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import yaml
 
 from fusekit import __version__
-from fusekit.io.refs import split_revision
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def hub_id(ref: str) -> str | None:
-    """The Hub repository id of a reference, or None for a local path."""
-    repo, _ = split_revision(ref)
-    if ref.startswith((".", "/", "~")) or Path(ref).exists() or not _HUB_ID.match(repo):
-        return None
-    return repo
+from fusekit.io.refs import hub_repo_id
 
 
 def model_card(*, name: str, method: str, models: list[str], base: str | None, recipe_text: str,
                seed: int | None = None, extra_metadata: dict[str, object] | None = None) -> str:
     """README.md text: YAML front matter, a summary, the inputs and the recipe."""
-    hub_models = list(dict.fromkeys(h for h in map(hub_id, models) if h))
+    hub_models = list(dict.fromkeys(h for h in map(hub_repo_id, models) if h))
     metadata: dict[str, object] = {
         "base_model": hub_models,
         "library_name": "transformers",

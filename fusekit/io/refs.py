@@ -60,13 +60,22 @@ def split_revision(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
+def hub_repo_id(ref: str) -> str | None:
+    """The Hub repository id ``ref`` names, or None when it is (or looks like) a local path."""
+    repo_id, _ = split_revision(ref)
+    if ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists() or not _HUB_ID.match(repo_id):
+        return None
+    return repo_id
+
+
 def resolve_model(ref: str, *, allow_pickle: bool = False) -> ResolvedModel:
     """Find the files behind ``ref``; raise a one-line error naming it when there are none."""
     path = Path(ref).expanduser()
     if path.exists():
         return _resolve_local(ref, path, allow_pickle=allow_pickle)
-    repo_id, revision = split_revision(ref)
-    if _HUB_ID.match(repo_id) and not ref.startswith((".", "/", "~")):
+    repo_id = hub_repo_id(ref)
+    if repo_id is not None:
+        _, revision = split_revision(ref)
         folder, commit = _download(repo_id, revision)
         # Cache snapshots hold symlinks into the repo's blobs/ folder, two levels up.
         resolved = _resolve_local(ref, folder, allow_pickle=allow_pickle,

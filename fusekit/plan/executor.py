@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -68,28 +69,29 @@ class WorkUnit:
     def first_row(self) -> int:
         return self.rows[0] if self.rows else 0
 
+    @cached_property
+    def _memory(self) -> tuple[int, int]:
+        return self.task.memory(self._row_count())
+
     @property
     def working_bytes(self) -> int:
-        return self.task.working_bytes(self._row_count())
+        return sum(self._memory)
 
     @property
     def held_bytes(self) -> int:
-        return self.task.memory(self._row_count())[0]
+        return self._memory[0]
 
     @property
     def transient_bytes(self) -> int:
-        return self.task.memory(self._row_count())[1]
+        return self._memory[1]
 
     @property
     def stored_bytes(self) -> int:
-        count = self._row_count()
-        numel = self.task.numel if count is None else self.task.numel // self.task.shape[0] * count
-        return sum(numel * i.dtype.itemsize for i in self.task.all_inputs)
+        return self.task.stored_bytes(self._row_count())
 
     @property
     def out_bytes(self) -> int:
-        count = self._row_count()
-        return self.task.out_bytes if count is None else self.task.out_bytes // self.task.shape[0] * count
+        return self.task.block_numel(self._row_count()) * self.task.out_dtype.itemsize
 
     def _row_count(self) -> int | None:
         return None if self.rows is None else self.rows[1] - self.rows[0]

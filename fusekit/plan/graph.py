@@ -64,6 +64,15 @@ class TensorTask:
     def out_bytes(self) -> int:
         return self.numel * self.out_dtype.itemsize
 
+    def block_numel(self, rows: int | None = None) -> int:
+        """Elements of the whole tensor, or of ``rows`` of its rows."""
+        return self.numel if rows is None else self.numel // max(1, self.shape[0]) * rows
+
+    def stored_bytes(self, rows: int | None = None) -> int:
+        """Bytes of the inputs as stored, for the whole tensor or ``rows`` of it."""
+        numel = self.block_numel(rows)
+        return sum(numel * i.dtype.itemsize for i in self.all_inputs)
+
     def memory(self, rows: int | None = None) -> tuple[int, int]:
         """(held, transient) bytes for this task, or for ``rows`` of its rows.
 
@@ -73,12 +82,12 @@ class TensorTask:
         """
         from fusekit.ops import get_method
 
-        numel = self.numel if rows is None else self.numel // max(1, self.shape[0]) * rows
-        stored = sum(numel * i.dtype.itemsize for i in self.all_inputs)
+        numel = self.block_numel(rows)
         converted = sum(numel * self.compute_dtype.itemsize for i in self.all_inputs
                         if i.dtype != self.compute_dtype)
         per_element = get_method(self.method).scratch(len(self.all_inputs), self.compute_dtype.itemsize)
-        return stored + numel * self.out_dtype.itemsize, converted + numel * per_element
+        held = self.stored_bytes(rows) + numel * self.out_dtype.itemsize
+        return held, converted + numel * per_element
 
     def working_bytes(self, rows: int | None = None) -> int:
         """All the memory this task (or ``rows`` of it) needs at its peak."""
