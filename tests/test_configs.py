@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from fusekit.demo import build_demo_models
 from fusekit.recipe import load_merge_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "configs").glob("*.yaml"))  # runnable on the demo models
-ALL_RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))  # parity/ recipes need their own models
+CONFIGS = ROOT / "configs"
+EXAMPLES = sorted(CONFIGS.glob("*.yaml"))  # merge recipes runnable on the demo models
+ALL_RECIPES = sorted(CONFIGS.rglob("*.yaml"))  # parity/ recipes need their own models
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
@@ -34,10 +36,23 @@ def test_there_are_example_recipes() -> None:
     assert len(EXAMPLES) >= 4
 
 
-@pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
-def test_every_shipped_recipe_validates(recipe: Path) -> None:
+def _validate_merge_recipe(recipe: Path) -> None:
     parsed, _ = load_merge_recipe(recipe)
     assert parsed.merge_method in fusekit.ops.method_names()
+
+
+# configs/*.yaml are merge recipes; each subfolder holds one kind of file, checked by its loader.
+VALIDATORS: dict[str, Callable[[Path], None]] = {
+    "": _validate_merge_recipe,
+    "parity": _validate_merge_recipe,
+}
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_recipe_validates(recipe: Path) -> None:
+    kind = recipe.relative_to(CONFIGS).parts[0] if recipe.parent != CONFIGS else ""
+    assert kind in VALIDATORS, f"configs/{kind}/ has no validator in tests/test_configs.py"
+    VALIDATORS[kind](recipe)
 
 
 @pytest.mark.parametrize("recipe", EXAMPLES, ids=lambda p: p.name)

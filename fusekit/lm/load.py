@@ -1,0 +1,116 @@
+"""Load a causal language model and its tokenizer from any model reference fusekit accepts.
+
+The reference goes through :func:`fusekit.io.refs.resolve_model` (local folder, single file's folder,
+Hub id via the cache), so ``ensemble``, ``route`` and ``moe`` accept exactly what ``merge`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fusekit.errors import CheckpointError, FusekitError
+from fusekit.io.refs import ResolvedModel, resolve_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedLM:
+    """A model ready to run.
+
+    Attributes:
+        ref: the reference as the user wrote it.
+        resolved: where its files are.
+        model: a ``PreTrainedModel`` in eval mode on ``device``.
+        tokenizer: its tokenizer, or None when loaded with ``tokenizer=False``.
+        device: where the model's weights live.
+    """
+
+    ref: str
+    resolved: ResolvedModel
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    device: torch.device
+
+    @property
+    def folder(self) -> Path:
+        return self.resolved.folder
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` (CUDA when available) → a torch device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FusekitError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise FusekitError(f"--device '{device}': use cpu, cuda or auto") from None
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise FusekitError("running a model needs transformers; install fusekit with the 'lm' extra: "
+                           "pip install 'fusekit[lm]'") from None
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+def load_lm(ref: str | Path, *, device: str = "cpu", dtype: str | None = "float32",
+            tokenizer: bool = True, allow_pickle: bool = False) -> LoadedLM:
+    """Load ``ref`` as a causal LM (and its tokenizer) for inference.
+
+    Args:
+        ref: a model reference, as in a recipe's ``model:``.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        dtype: ``float32`` (default, exact on CPU), ``bfloat16``, ``float16``, or None for the
+            checkpoint's own dtype.
+        tokenizer: also load the tokenizer; a model folder without one is then an error.
+        allow_pickle: accept ``.bin`` checkpoints (weights-only load).
+
+    Raises:
+        FusekitError: one line naming ``ref`` when it cannot be found or loaded.
+    """
+    resolved = resolve_model(str(ref), allow_pickle=allow_pickle)
+    if not resolved.config_path.is_file():
+        raise CheckpointError(f"model '{ref}': {resolved.folder} has no config.json, so it cannot be run")
+    transformers = _transformers()
+    target = resolve_device(device)
+    torch_dtype = _DTYPES[dtype] if dtype else "auto"
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            resolved.folder, dtype=torch_dtype, use_safetensors=not resolved.is_pickle,
+            local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"model '{ref}': transformers cannot load {resolved.folder}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    model.to(target).eval()
+    tok = load_tokenizer(ref, resolved.folder) if tokenizer else None
+    logging.getLogger(__name__).debug("loaded %s on %s", ref, target)
+    return LoadedLM(str(ref), resolved, model, tok, target)
+
+
+def load_tokenizer(ref: str | Path, folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in ``folder``; a clear error when there is none."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                      "tokenizer.model", "vocab.json")):
+        raise CheckpointError(f"model '{ref}': {folder} has no tokenizer files; copy the tokenizer "
+                              "of the model it was trained from into that folder")
+    transformers = _transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"model '{ref}': cannot load the tokenizer in {folder}: "
+                              f"{str(exc).splitlines()[0]}") from None
