@@ -431,9 +431,11 @@ def test_interrupted_merge_leaves_nothing(tmp_path: Path, big_recipe: Path, sig:
                                           code: int) -> None:
     out_dir = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "FUSEKIT_DEBUG"}
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # keeps ignoring it; give the child the default disposition, as a terminal would.
     proc = subprocess.Popen([sys.executable, "-m", "fusekit", "merge", str(big_recipe), str(out_dir)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not partial_folders(tmp_path):

@@ -28,12 +28,43 @@ models:
   - {{model: {code}, parameters: {{weight: [{{filter: mlp, value: 0.2}}, {{value: 0.9}}]}}}}
 parameters: {{lambda: 1.3, normalize: true}}
 """,
+    "nearswap": """merge_method: nearswap
+base_model: {base}
+models: [{{model: {math}}}]
+parameters: {{t: 0.01}}
+""",
     "passthrough": """merge_method: passthrough
 slices:
   - sources: [{{model: {base}, layer_range: [0, 2], parameters: {{scale: 0.5}}}}]
   - sources: [{{model: {math}, layer_range: [1, 2]}}]
 """,
 }
+_TV = """merge_method: {method}
+base_model: {{base}}
+models:
+  - {{{{model: {{math}}, parameters: {{{{weight: 0.6, density: [0.3, 0.8]{extra}}}}}}}}}
+  - {{{{model: {{code}}, parameters: {{{{weight: 0.5, density: 0.5{extra}}}}}}}}}
+parameters: {params}
+"""
+# Methods that need whole-tensor statistics (magnitude cut-offs, L1 norms) run blockwise.
+BLOCKWISE = {
+    "ties": _TV.format(method="ties", extra="", params="{{}}"),
+    "ties_rescaled": _TV.format(method="ties", extra="", params="{{rescale: true, lambda: 1.2}}"),
+    "breadcrumbs_ties": _TV.format(method="breadcrumbs_ties", extra=", gamma: 0.05",
+                                   params="{{rescale: true}}"),
+    "dare_ties": _TV.format(method="dare_ties", extra="", params="{{}}"),
+    "della_linear": _TV.format(method="della_linear", extra=", epsilon: 0.1", params="{{}}"),
+    "slerp": """merge_method: slerp
+base_model: {base}
+models: [{{model: {base}}}, {{model: {math}}}]
+parameters: {{t: [0.2, 0.9]}}
+""",
+    "model_stock": """merge_method: model_stock
+base_model: {base}
+models: [{{model: {math}}}, {{model: {code}}}, {{model: {base}}}]
+""",
+}
+RECIPES.update(BLOCKWISE)
 
 
 def _recipe(tmp_path: Path, models: dict[str, Path], method: str) -> Path:
@@ -61,6 +92,24 @@ def test_pipelined_sequential_and_row_blocked_runs_are_byte_identical(
     reference = (tmp_path / "seq" / "model.safetensors").read_bytes()
     assert (tmp_path / "pipe" / "model.safetensors").read_bytes() == reference
     assert (tmp_path / "blocks" / "model.safetensors").read_bytes() == reference
+
+
+@pytest.mark.parametrize("method", sorted(BLOCKWISE))
+def test_blockwise_methods_give_the_same_bytes_for_any_block_size(
+        method: str, bf16_models: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 inputs (16-bit magnitude keys: one counting pass) with several budgets: the
+    statistics passes and the tie quotas carried from block to block give whole-tensor bytes."""
+    recipe = _recipe(tmp_path, bf16_models, method)
+    fusekit.merge(recipe, tmp_path / "whole", max_memory=None, random_seed=3)
+    reference = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    _tiny_budget(monkeypatch)
+    for budget in (6 * 1024, 40 * 1024):
+        blocked = fusekit.merge(recipe, tmp_path / f"b{budget}", max_memory=budget, random_seed=3,
+                                pipelined=budget > 10_000)
+        units = split_units(blocked.plan, budget)
+        assert any(u.stage > 0 for u in units)
+        assert (tmp_path / f"b{budget}" / "model.safetensors").read_bytes() == reference
 
 
 def test_row_blocks_cover_each_tensor_exactly_once(tiny_models: dict[str, Path],

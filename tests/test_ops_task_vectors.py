@@ -331,6 +331,37 @@ def test_fast_selection_equals_a_stable_sort(seed: int, numel: int, levels: int,
     assert torch.equal(sp.first_in_order(sp.magnitude_keys(tau), count, largest=False), expected)
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 60), levels=st.integers(1, 12),
+       density=st.floats(0.0, 1.0), gamma=st.floats(0.0, 0.3), rescale=st.booleans(),
+       kind=st.sampled_from(["magnitude", "magnitude_outliers", "random", "della_magprune"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), data=st.data())
+def test_streamed_sparsifier_gives_whole_tensor_bytes_for_any_row_blocks(
+        seed: int, rows: int, levels: int, density: float, gamma: float, rescale: bool, kind: str,
+        dtype: torch.dtype, data: st.DataObject) -> None:
+    """Heavy ties across block borders: the counts, the tie quotas carried from block to block,
+    the float64 row norms and the redrawn uniforms give exactly the one-block result."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(levels, generator=gen)
+    tau = values[torch.randint(0, levels, (rows, 7), generator=gen)].to(dtype)
+    epsilon = min(density, 1 - density) / 2
+    rule = sp.SparsifyRule(kind, density, gamma=gamma, epsilon=epsilon, rescale=rescale)  # type: ignore[arg-type]
+
+    def stream() -> sp.SparsifierStream:
+        return sp.SparsifierStream(rule, shape=(rows, 7), dtype=dtype,
+                                   generator=lambda: torch.Generator().manual_seed(seed))
+
+    expected = stream().whole(tau)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, rows - 1)), max_size=5)))
+    blocks = [tau[a:b] for a, b in zip([0, *cuts], [*cuts, rows], strict=True) if b > a]
+    streamed = stream()
+    for stage in sp.STAGES:
+        for block in blocks:
+            streamed.observe(stage, block)
+        streamed.end_pass(stage)
+    assert torch.equal(torch.cat([streamed.apply(block) for block in blocks]), expected)
+
+
 def test_magnitude_ranks_float64_as_float32_like_mergekit() -> None:
     tau = torch.tensor([1.0 + 1e-12, -1.0, 0.5], dtype=torch.float64)  # equal in float32
     assert sp.magnitude(tau, 0.34).tolist() == [1.0 + 1e-12, 0.0, 0.0]

@@ -4,6 +4,8 @@ Merges read tensors of the same few sizes over and over (every layer has the sam
 each read buffer from a pool keyed by exact byte size, instead of a fresh allocation, saves the
 kernel's page faults and zeroing on every read and keeps the C allocator from fragmenting when one
 thread allocates and another frees; idle buffers are capped so the pool cannot grow unbounded.
+For a CUDA merge the buffers are page-locked (pinned), so that host-to-device copies can run
+asynchronously and at full bus speed.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 class BufferPool:
     """Byte buffers (1-D uint8 CPU tensors) recycled by exact size; thread-safe."""
 
-    def __init__(self, max_idle_bytes: int | None) -> None:
+    def __init__(self, max_idle_bytes: int | None, *, pinned: bool = False) -> None:
         self.max_idle_bytes = max_idle_bytes
+        self.pinned = pinned
         self._idle: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
         self._idle_bytes = 0
         self._lock = threading.Lock()
@@ -37,7 +40,7 @@ class BufferPool:
                 if not buffers:
                     del self._idle[nbytes]
                 return buffer
-        return torch.empty(nbytes, dtype=torch.uint8)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
 
     def give(self, buffer: torch.Tensor) -> None:
         """Return a buffer from :meth:`take`; the least recently used sizes are freed first when

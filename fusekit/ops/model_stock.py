@@ -11,17 +11,21 @@ As in mergekit 0.1.5: the angle is taken over the whole flattened tensor, or wit
 ``filter_wise: true`` per vector along the last axis (one per output row of a weight matrix; a
 1-D tensor is one vector). The norm product is floored at 1e-6 and each cosine clamped to [-1, 1];
 where ``|1 + (N − 1) cos θ| < 1e-6`` the ratio has no finite value and the base is kept (t = 0).
-All arithmetic runs in the compute dtype, in mergekit's order, so results agree bit for bit.
+Filter-wise, all arithmetic runs in the compute dtype in mergekit's order, so results agree bit
+for bit; the whole-tensor angle is summed row by row in float64 instead, so that large tensors can
+be merged in row blocks (the ratio then differs from mergekit's in its last bits at most).
 """
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
 from pydantic import Field
 
-from fusekit.ops.registry import MergeInputs, Params, register
+from fusekit.ops.registry import MergeInputs, Params, TensorContext, register, whole_tensor
+from fusekit.ops.rows import exact_total, row_sums
 
 _NORM_FLOOR = 1e-6
 _SINGULAR = 1e-6
@@ -58,19 +62,61 @@ def interpolation_ratio(cosine: torch.Tensor, count: int) -> torch.Tensor:
     return torch.where(singular, torch.zeros_like(cosine), (count * cosine) / safe)
 
 
+class ModelStockPasses:
+    """Model Stock as a :class:`~fusekit.ops.registry.BlockwiseMerge`.
+
+    Over the whole tensor, one pass sums ``⟨τ_i, τ_j⟩`` and ``‖τ_i‖²`` row by row (see
+    :mod:`fusekit.ops.rows`) for the one angle; ``filter_wise`` angles belong to single rows, so
+    each block is merged on its own with no pass.
+    """
+
+    def __init__(self, context: TensorContext) -> None:
+        self.filter_wise = cast(ModelStockParams, context.params).filter_wise
+        self.count = len(context.model_params)
+        self.passes = 0 if self.filter_wise else 1
+        self.pairs = [(i, j) for i in range(self.count) for j in range(i, self.count)]
+        self._sums: dict[tuple[int, int], list[float]] = {pair: [] for pair in self.pairs}
+        self._ratio: float | None = None
+
+    def observe(self, stage: int, block: MergeInputs) -> None:
+        assert block.base is not None
+        offsets = [tensor - block.base for tensor in block.tensors]
+        for i, j in self.pairs:
+            self._sums[i, j].extend(row_sums(offsets[i] * offsets[j]))
+
+    def end_pass(self, stage: int) -> None:
+        total = {pair: exact_total(parts) for pair, parts in self._sums.items()}
+        cosines = []
+        for i, j in self.pairs:
+            if i != j:
+                norms = math.sqrt(total[i, i]) * math.sqrt(total[j, j])
+                cosines.append(min(1.0, max(-1.0, total[i, j] / max(norms, _NORM_FLOOR))))
+        cosine = sum(cosines) / len(cosines)
+        denominator = 1 + (self.count - 1) * cosine
+        self._ratio = 0.0 if abs(denominator) < _SINGULAR else self.count * cosine / denominator
+
+    def apply(self, block: MergeInputs) -> torch.Tensor:
+        assert block.base is not None
+        base = as_vectors(block.base, filter_wise=self.filter_wise)  # (*rows, last_dim) or (numel,)
+        models = [as_vectors(t, filter_wise=self.filter_wise) for t in block.tensors]
+        if self._ratio is None:  # filter-wise: one angle per row of this block
+            cosine = mean_pairwise_cosine([m - base for m in models]).unsqueeze(-1)  # (*rows, 1)
+            ratio = interpolation_ratio(cosine, len(models))
+        else:
+            ratio = torch.tensor(self._ratio, dtype=base.dtype, device=base.device)
+        total = 0 + models[0]  # a running sum from 0, as Python's sum() does (so -0.0 becomes 0.0)
+        for model in models[1:]:
+            total = total + model
+        average = total / len(models)
+        return (ratio * average + (1 - ratio) * base).reshape(block.base.shape)
+
+
+_model_stock = whole_tensor(ModelStockPasses)
+
+
 @register("model_stock", method_params=ModelStockParams, base="required", min_models=2,
           summary="moves the base towards the fine-tunes' average by a ratio set by the angle "
-                  "between their task vectors (Model Stock)")
+                  "between their task vectors (Model Stock)", blockwise=ModelStockPasses)
 def model_stock(inputs: MergeInputs) -> torch.Tensor:
     """``t · mean_i θ_i + (1 − t) · θ_0`` with ``t`` from the mean pairwise cosine of task vectors."""
-    assert inputs.base is not None
-    filter_wise = cast(ModelStockParams, inputs.params).filter_wise
-    base = as_vectors(inputs.base, filter_wise=filter_wise)  # (*rows, last_dim) or (numel,)
-    models = [as_vectors(t, filter_wise=filter_wise) for t in inputs.tensors]
-    cosine = mean_pairwise_cosine([m - base for m in models]).unsqueeze(-1)  # (*rows, 1) or (1,)
-    ratio = interpolation_ratio(cosine, len(models))
-    total = 0 + models[0]  # a running sum from 0, as Python's sum() does (so -0.0 becomes 0.0)
-    for model in models[1:]:
-        total = total + model
-    average = total / len(models)
-    return (ratio * average + (1 - ratio) * base).reshape(inputs.base.shape)
+    return _model_stock(inputs)

@@ -30,7 +30,7 @@ class NearSwapParams(Params):
 
 @register("nearswap", method_params=NearSwapParams, base="required", min_models=1, max_models=1,
           summary="takes the model's values where they are within t of the base, and blends "
-                  "towards the base as t / |difference| elsewhere (NearSwap)")
+                  "towards the base as t / |difference| elsewhere (NearSwap)", elementwise=True)
 def nearswap(inputs: MergeInputs) -> torch.Tensor:
     """``w · model + (1 − w) · base`` with ``w = clamp(t / max(|base − model|, 1e-6), 0, 1)``."""
     assert inputs.base is not None

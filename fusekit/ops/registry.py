@@ -65,6 +65,59 @@ class Kernel(Protocol):
     def __call__(self, inputs: MergeInputs) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class TensorContext:
+    """What a blockwise kernel knows of its output tensor before it sees any block of it."""
+
+    model_params: Sequence[BaseModel]
+    params: BaseModel
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    seed: int = 0
+    tensor_name: str = ""
+
+    def generator(self, model_index: int) -> torch.Generator:
+        """The generator :meth:`MergeInputs.generator` gives for the same tensor and model."""
+        return seeded_generator(self.seed, self.tensor_name, model_index)
+
+
+class BlockwiseMerge(Protocol):
+    """A kernel that sees its tensor in row blocks: ``passes`` statistics passes, each over every
+    block in row order and closed by :meth:`end_pass`, then :meth:`apply` on every block in row
+    order. Any cut into blocks, one block included, gives the same bytes."""
+
+    passes: int
+
+    def observe(self, stage: int, block: MergeInputs) -> None: ...
+
+    def end_pass(self, stage: int) -> None: ...
+
+    def apply(self, block: MergeInputs) -> torch.Tensor: ...
+
+
+BlockwiseStart = Callable[[TensorContext], BlockwiseMerge]
+
+
+def tensor_context(inputs: MergeInputs) -> TensorContext:
+    """The context of a call on a whole tensor (the base's, or the first input's, shape and dtype)."""
+    like = inputs.base if inputs.base is not None else inputs.tensors[0]
+    return TensorContext(inputs.model_params, inputs.params, tuple(like.shape), like.dtype,
+                         inputs.seed, inputs.tensor_name)
+
+
+def whole_tensor(start: BlockwiseStart) -> Kernel:
+    """The plain kernel of a blockwise method: every pass over one block, the whole tensor."""
+
+    def kernel(inputs: MergeInputs) -> torch.Tensor:
+        merge = start(tensor_context(inputs))
+        for stage in range(merge.passes):
+            merge.observe(stage, inputs)
+            merge.end_pass(stage)
+        return merge.apply(inputs)
+
+    return kernel
+
+
 BaseUse = Literal["required", "optional", "unused"]
 
 
@@ -91,6 +144,9 @@ class MergeMethod:
             float32-or-wider copy per input plus two.
         result_dtype: dtype the kernel's result has for a given compute dtype; it is what gets
             written when the recipe sets no ``out_dtype`` (some kernels promote to float32).
+        blockwise: for methods that need statistics of the whole tensor (TIES' magnitude cut-off,
+            L1 norms), starts a :class:`BlockwiseMerge`, so that large tensors can still be cut
+            into row blocks; ``kernel`` is then ``whole_tensor(blockwise)``.
     """
 
     name: str
@@ -105,6 +161,12 @@ class MergeMethod:
     elementwise: bool = False
     scratch: Callable[[int, int], int] = field(default=lambda n, size: (n + 2) * max(size, 4))
     result_dtype: Callable[[torch.dtype], torch.dtype] = field(default=lambda dtype: dtype)
+    blockwise: BlockwiseStart | None = None
+
+    @property
+    def splits_rows(self) -> bool:
+        """Whether the executor may cut this method's tensors into row blocks."""
+        return self.elementwise or self.blockwise is not None
 
     def parameter_names(self) -> dict[str, str]:
         """Every accepted parameter name (YAML spelling) → ``"model"`` or ``"method"``."""
@@ -127,6 +189,7 @@ def register(name: str, *, model_params: type[Params] = NoParams,
              summary: str, stochastic: bool = False, elementwise: bool = False,
              scratch: Callable[[int, int], int] | None = None,
              result_dtype: Callable[[torch.dtype], torch.dtype] | None = None,
+             blockwise: BlockwiseStart | None = None,
              ) -> Callable[[Kernel], Kernel]:
     """Decorator registering ``kernel`` under ``name``; a duplicate name is a bug and raises."""
 
@@ -136,6 +199,8 @@ def register(name: str, *, model_params: type[Params] = NoParams,
         extra: dict[str, Any] = {"scratch": scratch} if scratch is not None else {}
         if result_dtype is not None:
             extra["result_dtype"] = result_dtype
+        if blockwise is not None:
+            extra["blockwise"] = blockwise
         _METHODS[name] = MergeMethod(name, kernel, model_params, method_params, base,
                                      min_models, max_models, summary, stochastic, elementwise,
                                      **extra)

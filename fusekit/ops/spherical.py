@@ -14,22 +14,25 @@
   averages and applications to spherical splines and interpolation", 2001), rescaled by the mean norm.
 
 Every kernel reproduces mergekit 0.1.5 operation for operation, including its working precision:
-``slerp`` measures angles in float32 (float64 for float64 inputs) and rounds once to the compute
-dtype; ``nuslerp`` and ``multislerp`` run entirely in the compute dtype (bf16 stays bf16);
-``karcher`` takes norms in float32 and keeps directions in the compute dtype.
+``slerp`` sums norms and the dot product row by row in float64 (so the result does not depend on
+how a tensor is cut into row blocks), interpolates in float32 (float64 for float64 inputs) and
+rounds once to the compute dtype; ``nuslerp`` and ``multislerp`` run entirely in the compute dtype
+(bf16 stays bf16); ``karcher`` takes norms in float32 and keeps directions in the compute dtype.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from pydantic import Field
 
 from fusekit.errors import RecipeError
-from fusekit.ops.registry import MergeInputs, Params, register
+from fusekit.ops.registry import MergeInputs, NoParams, Params, TensorContext, register, whole_tensor
+from fusekit.ops.rows import exact_total, row_sums
 
 SLERP_DOT_THRESHOLD = 0.9995  # |cos Ω| above this → linear interpolation
 SLERP_EPS = 1e-8  # norms at or below this count as 1
-SLERP_CHUNK = 1 << 20  # elements per reduction chunk; fixes the float32 summation order
 NUSLERP_EPS = 1e-8  # colinear when 1 − cos²Ω ≤ eps²
 NUSLERP_NORM_FLOOR = 1e-7  # smallest norm a vector is divided by
 NUSLERP_ZERO_WEIGHTS = 1e-6  # |w_1 + w_2| below this → t = 0.5
@@ -47,61 +50,66 @@ class SlerpParams(Params):
     t: float = Field(description="position on the arc: 0 gives the base, 1 the other model")
 
 
-def _chunked_norm(rows: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    """‖row‖ for each row of ``rows`` (n, numel), as the norm of per-chunk norms → (n, 1)."""
-    parts = [torch.linalg.vector_norm(rows[:, s:s + SLERP_CHUNK].to(work), dim=1, keepdim=True)
-             for s in range(0, rows.shape[1], SLERP_CHUNK)]
-    return torch.linalg.vector_norm(torch.stack(parts), dim=0)  # (n, 1)
+class SlerpPasses:
+    """SLERP as a :class:`~fusekit.ops.registry.BlockwiseMerge`: one pass sums ``‖a‖²``, ``‖b‖²``
+    and ``<a, b>`` row by row (see :mod:`fusekit.ops.rows`), then every block is
+    ``coef_a · a + coef_b · b`` with the coefficients of the whole tensor's angle."""
 
+    passes = 1
 
-def _chunked_cosine(a: torch.Tensor, b: torch.Tensor, norm_a: torch.Tensor,
-                    norm_b: torch.Tensor, work: torch.dtype) -> torch.Tensor:
-    """cos Ω per row, summing chunk by chunk of the normalised rows → (n, 1), clamped to [−1, 1]."""
-    parts = []
-    for s in range(0, a.shape[1], SLERP_CHUNK):
-        x = a[:, s:s + SLERP_CHUNK].to(work) / norm_a
-        y = b[:, s:s + SLERP_CHUNK].to(work) / norm_b
-        parts.append((x * y).sum(dim=1, keepdim=True))
-    return torch.stack(parts).sum(dim=0).clamp(-1, 1)
+    def __init__(self, context: TensorContext) -> None:
+        self.t = float(context.params.t)  # type: ignore[attr-defined]
+        self.work = torch.float64 if context.dtype == torch.float64 else torch.float32
+        self._sums: tuple[list[float], list[float], list[float]] = ([], [], [])
+        self._coefs = (1 - self.t, self.t)
+
+    def observe(self, stage: int, block: MergeInputs) -> None:
+        assert block.base is not None
+        a, b = block.base.to(self.work), block.tensors[0].to(self.work)
+        for sums, values in zip(self._sums, (a * a, b * b, a * b), strict=True):
+            sums.extend(row_sums(values))
+
+    def end_pass(self, stage: int) -> None:
+        squares_a, squares_b, dot = (exact_total(sums) for sums in self._sums)
+        norm_a, norm_b = math.sqrt(squares_a), math.sqrt(squares_b)
+        norm_a, norm_b = (norm if norm > SLERP_EPS else 1.0 for norm in (norm_a, norm_b))
+        cos = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
+        if abs(cos) > SLERP_DOT_THRESHOLD:
+            return
+        theta = torch.acos(torch.tensor(cos, dtype=self.work))
+        sin_theta = torch.sin(theta)
+        self._coefs = (float(torch.sin((1 - self.t) * theta) / sin_theta),
+                       float(torch.sin(self.t * theta) / sin_theta))
+
+    def apply(self, block: MergeInputs) -> torch.Tensor:
+        assert block.base is not None
+        coef_a, coef_b = (torch.tensor(c, dtype=self.work) for c in self._coefs)
+        result = coef_a * block.base.to(self.work) + coef_b * block.tensors[0].to(self.work)
+        return result.to(block.base.dtype)
 
 
 def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """Spherical interpolation from ``v0`` (t = 0) to ``v1`` (t = 1) over the whole tensor.
 
-    ``cos Ω = <v0/‖v0‖, v1/‖v1‖>`` (a norm ≤ 1e-8 counts as 1); when ``|cos Ω| > 0.9995`` the result
-    is ``(1−t)·v0 + t·v1``, else ``sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1``. The vectors keep
-    their lengths: only the coefficients come from the angle. Arithmetic in float32 (float64 for
-    float64 inputs), rounded once to ``v0.dtype``.
+    ``cos Ω = <v0, v1> / (‖v0‖ ‖v1‖)`` (a norm ≤ 1e-8 counts as 1; sums in float64); when
+    ``|cos Ω| > 0.9995`` the result is ``(1−t)·v0 + t·v1``, else
+    ``sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1``. The vectors keep their lengths: only the
+    coefficients come from the angle. Arithmetic in float32 (float64 for float64 inputs), rounded
+    once to ``v0.dtype``.
     """
-    work = _work_dtype(v0)
-    a = v0.reshape(1, -1)  # (1, numel)
-    b = v1.reshape(1, -1)  # (1, numel)
-    t_col = torch.tensor([t], dtype=work, device=v0.device).reshape(-1, 1)  # (1, 1)
-    if a.shape[1] == 0:
-        return ((1 - t_col) * a + t_col * b).reshape(v0.shape).to(v0.dtype)
-    norm_a, norm_b = _chunked_norm(a, work), _chunked_norm(b, work)
-    norm_a = torch.where(norm_a > SLERP_EPS, norm_a, 1)
-    norm_b = torch.where(norm_b > SLERP_EPS, norm_b, 1)
-    cos = _chunked_cosine(a, b, norm_a, norm_b, work)  # (1, 1)
-    linear = cos.abs() > SLERP_DOT_THRESHOLD
-    theta = torch.acos(torch.where(linear, 0, cos))
-    sin_theta = torch.sin(theta)
-    coef_a = torch.where(linear, 1 - t_col, torch.sin((1 - t_col) * theta) / sin_theta)
-    coef_b = torch.where(linear, t_col, torch.sin(t_col * theta) / sin_theta)
-    result = torch.empty_like(a)
-    for s in range(0, a.shape[1], SLERP_CHUNK):
-        x = a[:, s:s + SLERP_CHUNK].to(work)
-        y = b[:, s:s + SLERP_CHUNK].to(work)
-        result[:, s:s + SLERP_CHUNK] = coef_a * x + coef_b * y
-    return result.reshape(v0.shape)
+    inputs = MergeInputs(tensors=[v1], model_params=[NoParams()], params=SlerpParams(t=t), base=v0)
+    return _slerp(inputs)
+
+
+_slerp = whole_tensor(SlerpPasses)
 
 
 @register("slerp", method_params=SlerpParams, base="required", min_models=1, max_models=1,
-          summary="spherical interpolation between the base (t=0) and one other model (t=1)")
+          summary="spherical interpolation between the base (t=0) and one other model (t=1)",
+          blockwise=SlerpPasses)
 def slerp(inputs: MergeInputs) -> torch.Tensor:
     """SLERP from the base to the one other model; see :func:`slerp_tensors`."""
-    assert inputs.base is not None
-    return slerp_tensors(inputs.params.t, inputs.base, inputs.tensors[0])  # type: ignore[attr-defined]
+    return _slerp(inputs)
 
 
 # -- nuslerp --------------------------------------------------------------------------------------

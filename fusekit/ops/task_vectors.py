@@ -32,6 +32,7 @@ memory use, so it is accepted and has no effect; task_arithmetic accepts ``densi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -41,7 +42,7 @@ import torch
 from pydantic import BaseModel, BeforeValidator, Field, ValidationInfo, create_model, field_validator
 
 from fusekit.ops import sparsify
-from fusekit.ops.registry import MergeInputs, NoParams, Params, register
+from fusekit.ops.registry import MergeInputs, NoParams, Params, TensorContext, register, whole_tensor
 from fusekit.ops.sparsify import Sparsifier
 
 Consensus = Literal["sum", "count"]
@@ -236,38 +237,19 @@ def weight_column(weights: list[float], like: torch.Tensor) -> torch.Tensor:
     return column.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _sparsified(delta: torch.Tensor, sparsifier: Sparsifier, params: BaseModel, *, rescale: bool,
-                generator: partial[torch.Generator]) -> torch.Tensor:
+def _rule(sparsifier: Sparsifier, params: BaseModel, *, rescale: bool) -> sparsify.SparsifyRule:
     assert isinstance(params, TaskVectorModelParams)
-    if sparsifier == "magnitude":
-        return sparsify.magnitude(delta, params.density, rescale=rescale)
-    if sparsifier == "magnitude_outliers":
-        assert isinstance(params, BreadcrumbsModelParams)
-        return sparsify.magnitude_outliers(delta, params.density, gamma=params.gamma,
-                                           rescale=rescale)
-    if sparsifier == "random":
-        return sparsify.bernoulli(delta, params.density, generator=generator(), rescale=rescale)
-    assert isinstance(params, DellaModelParams)
-    return sparsify.della_magprune(delta, params.density, epsilon=params.epsilon,
-                                   generator=generator(), rescale=rescale)
+    return sparsify.SparsifyRule(sparsifier, params.density, gamma=getattr(params, "gamma", 0.0),
+                                 epsilon=getattr(params, "epsilon", 0.0), rescale=rescale)
 
 
-def task_vectors(inputs: MergeInputs, sparsifier: Sparsifier | None, *,
-                 rescale: bool) -> torch.Tensor:
-    """``τ_i = θ_i − θ_base``, each sparsified on its own: ``(n_models, *shape)``.
-
-    Model ``i`` draws from ``inputs.generator(i)``, so its mask depends only on the seed, the
-    tensor name and ``i``.
-    """
+def task_vectors(inputs: MergeInputs) -> torch.Tensor:
+    """``τ_i = θ_i − θ_base``: ``(n_models, *shape)``."""
     base = inputs.base
     assert base is not None
     deltas = base.new_empty((len(inputs.tensors), *base.shape))  # (n_models, *shape)
-    for index, (tensor, params) in enumerate(zip(inputs.tensors, inputs.model_params, strict=True)):
-        delta = tensor - base
-        if sparsifier is not None:
-            delta = _sparsified(delta, sparsifier, params, rescale=rescale,
-                                generator=partial(inputs.generator, index))
-        deltas[index] = delta
+    for index, tensor in enumerate(inputs.tensors):
+        torch.sub(tensor, base, out=deltas[index])
     return deltas
 
 
@@ -318,28 +300,85 @@ def _energy_mix(deltas: torch.Tensor, consensus: Consensus | None) -> torch.Tens
     return (deltas * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=_TINY_ENERGY)
 
 
-def merge_task_vectors(inputs: MergeInputs, method: TaskVectorMethod) -> torch.Tensor:
-    """The shared kernel: ``θ_base + λ · mix(sparsify(θ_i − θ_base))`` as the row says.
+class TaskVectorPasses:
+    """The weighted rows (all but SCE) as a :class:`~fusekit.ops.registry.BlockwiseMerge`.
 
-    See the module docstring for the formula; returns the base itself when no other model
-    contributes to this tensor.
+    Each model's task vector has its own :class:`~fusekit.ops.sparsify.SparsifierStream`, which
+    says which statistics passes it needs (magnitude counts, L1 norms); the sign election and the
+    weighted sum are per element, so :meth:`apply` does them block by block. Model ``i`` draws from
+    ``context.generator(i)``, so its mask depends only on the seed, the tensor name and ``i``.
     """
+
+    def __init__(self, method: TaskVectorMethod, context: TensorContext) -> None:
+        self.method = method
+        self.settings = _settings(context.params)
+        self.weights = _weights(context.model_params)
+        sparsifier = method.sparsifier
+        self.streams = [None if sparsifier is None else sparsify.SparsifierStream(
+            _rule(sparsifier, params, rescale=self.settings.rescale), shape=context.shape,
+            dtype=context.dtype, generator=partial(context.generator, index))
+            for index, params in enumerate(context.model_params)]
+        self.stages = [stage for stage in sparsify.STAGES
+                       if any(stream is not None and stream.needs(stage) for stream in self.streams)]
+        self.passes = len(self.stages)
+        self.numel = math.prod(context.shape)
+        self._kept: tuple[MergeInputs, list[torch.Tensor | None]] | None = None
+
+    def _deltas(self, block: MergeInputs) -> list[torch.Tensor | None]:
+        """The block's task vectors; kept between passes when the block is the whole tensor."""
+        if self._kept is not None and self._kept[0] is block:
+            return self._kept[1]
+        assert block.base is not None
+        deltas: list[torch.Tensor | None] = [tensor - block.base for tensor in block.tensors]
+        whole = block.base.numel() == self.numel
+        self._kept = (block, deltas) if whole else None
+        return deltas
+
+    def observe(self, stage: int, block: MergeInputs) -> None:
+        for stream, delta in zip(self.streams, self._deltas(block), strict=True):
+            if stream is not None and delta is not None:
+                stream.observe(self.stages[stage], delta)
+
+    def end_pass(self, stage: int) -> None:
+        for stream in self.streams:
+            if stream is not None:
+                stream.end_pass(self.stages[stage])
+
+    def apply(self, block: MergeInputs) -> torch.Tensor:
+        """``θ_base + λ · mix(sparsify(θ_i − θ_base))`` for the next block."""
+        base = block.base
+        assert base is not None
+        if not block.tensors:
+            return base
+        kept = self._kept[1] if self._kept is not None and self._kept[0] is block else None
+        self._kept = None
+        deltas = base.new_empty((len(block.tensors), *base.shape))  # (n_models, *shape)
+        for index, (tensor, stream) in enumerate(zip(block.tensors, self.streams, strict=True)):
+            delta = kept[index] if kept is not None else None
+            if kept is not None:
+                kept[index] = None  # free each model's copy once it is in the stack
+            delta = tensor - base if delta is None else delta
+            deltas[index] = delta if stream is None else stream.apply(delta)
+            del delta
+        weights = weight_column(self.weights, deltas)  # (n_models, 1, ..., 1)
+        mixed = _weighted_mix(deltas, weights, self.method.consensus, normalize=self.settings.normalize)
+        if self.settings.lambda_ != 1:
+            mixed = mixed * self.settings.lambda_
+        return (base + mixed).to(base.dtype)
+
+
+def merge_sce(inputs: MergeInputs, method: TaskVectorMethod) -> torch.Tensor:
+    """SCE on a whole tensor: its variance selection and energy weights need every task vector at
+    once. Returns the base itself when no other model contributes to this tensor."""
     base = inputs.base
     assert base is not None
     if not inputs.tensors:
         return base
     settings = _settings(inputs.params)
-    deltas = task_vectors(inputs, method.sparsifier, rescale=settings.rescale)  # (n_models, *shape)
-    if method.select and settings.select_topk < 1:
+    deltas = task_vectors(inputs)  # (n_models, *shape)
+    if settings.select_topk < 1:
         deltas = deltas * sparsify.variance_top_mask(deltas, settings.select_topk)
-    if method.weighting == "energy":
-        mixed = _energy_mix(deltas, method.consensus)  # (*shape)
-    else:
-        weights = weight_column(_weights(inputs.model_params), deltas)  # (n_models, 1, ..., 1)
-        mixed = _weighted_mix(deltas, weights, method.consensus, normalize=settings.normalize)
-    if settings.lambda_ != 1:
-        mixed = mixed * settings.lambda_
-    return (base + mixed).to(base.dtype)
+    return (base + _energy_mix(deltas, method.consensus)).to(base.dtype)
 
 
 def _weights(model_params: Sequence[BaseModel]) -> list[float]:
@@ -351,7 +390,9 @@ def _weights(model_params: Sequence[BaseModel]) -> list[float]:
 
 
 for _method in METHODS:
+    _blockwise = None if _method.select else partial(TaskVectorPasses, _method)
     register(_method.name, model_params=_method.model_params, method_params=_method.method_params,
              base="required", min_models=1, summary=_method.summary,
              stochastic=_method.stochastic, elementwise=_method.elementwise,
-             scratch=_method.scratch)(partial(merge_task_vectors, method=_method))
+             scratch=_method.scratch, blockwise=_blockwise,
+             )(whole_tensor(_blockwise) if _blockwise else partial(merge_sce, method=_method))
