@@ -42,3 +42,19 @@ class InterruptedMergeError(FusekitError):
     """The run was stopped by a signal; the partial output has been removed."""
 
     exit_code = 130
+
+
+class NonFiniteError(FusekitError, ValueError):
+    """A merged tensor (or the input it came from) holds NaN or infinity."""
+
+    def __init__(self, message: str, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+
+
+class LockMismatchError(FusekitError):
+    """``--locked`` was given and an input differs from what the lock file records."""
+
+
+class HubError(FusekitError):
+    """The Hugging Face Hub refused a request (bad token, no access, no such repository)."""

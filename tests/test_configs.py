@@ -41,8 +41,30 @@ def _validate_merge_recipe(recipe: Path) -> None:
     assert parsed.merge_method in fusekit.ops.method_names()
 
 
+def _validate_ci(path: Path) -> None:
+    """configs/ci/: merge recipes, and GitHub Actions workflows that rebuild and push them."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if "jobs" not in data:
+        _validate_merge_recipe(path)
+        return
+    triggers = data.get("on", data.get(True))  # YAML 1.1 reads the key `on` as true
+    steps = [step for job in data["jobs"].values() for step in job["steps"]]
+    env = {k: str(v) for job in data["jobs"].values() for k, v in job.get("env", {}).items()}
+    runs = "\n".join(step.get("run", "") for step in steps)
+    recipe = Path(env["RECIPE"])
+    assert recipe.as_posix() in triggers["push"]["paths"], "a recipe change must trigger a rebuild"
+    _validate_merge_recipe(CONFIGS.parent / recipe)
+    caches = [step["with"]["path"] for step in steps if step.get("uses", "").startswith("actions/cache")]
+    assert any(".hf-home/hub" in c for c in caches) and env["HF_HOME"].endswith(".hf-home")
+    assert env["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}" and "echo $HF_TOKEN" not in runs
+    assert "fusekit merge" in runs and "--push-to-hub" in runs and "--locked" in runs
+
+
 # configs/*.yaml are merge recipes; each subfolder holds one kind of file, checked by its loader.
 VALIDATORS: dict[str, Callable[[Path], None]] = {
+    "ci": _validate_ci,
     "": _validate_merge_recipe,
     "parity": _validate_merge_recipe,
 }

@@ -50,3 +50,9 @@ PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt
                                          "(loaded weights-only). Only for files you trust.")]
 
 
+PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repository as private "
+                                          "(an existing one keeps its visibility).")]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch to push to (created "
+                                                 "when missing); default main.", show_default=False)]
+CommitMessageOpt = Annotated[str | None, typer.Option("--commit-message", help="Commit message for the "
+                                                      "upload.", show_default=False)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from fusekit.io.layout import SAFETENSORS_DTYPES, tensor_bytes
 from fusekit.io.refs import ResolvedModel
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 16  # no model tensor has more; a longer shape is a lying header
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,21 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: every offset inside the file, sizes consistent."""
+    """Parse and validate a safetensors header before any tensor data is touched.
+
+    Checked: the file is a regular file; the header length is within :data:`MAX_HEADER_BYTES` and
+    inside the file; the header is one JSON object without duplicate names; every entry has a known
+    dtype, a shape of non-negative integers and offsets whose span equals shape × dtype size; and the
+    tensors tile the data section exactly (no overlap, no gap, nothing after the last one), as the
+    format requires. Any violation is a one-line :class:`CheckpointError` naming the file and tensor,
+    so a lying header can never cause a read past the end or an allocation larger than the file.
+    """
     try:
-        size = path.stat().st_size
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise CheckpointError(f"{path}: is not a regular file; a checkpoint must be a "
+                                  ".safetensors file")
         with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); "
@@ -57,19 +70,59 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                                       f"{header_len} bytes in a {size}-byte file); download it again")
             raw = handle.read(header_len)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
     try:
-        header = json.loads(raw)
+        if not raw.startswith(b"{"):
+            raise ValueError
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
         if not isinstance(header, dict):
             raise ValueError
-    except (ValueError, UnicodeDecodeError):
+    except _DuplicateName as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header (tensor '{exc}' is listed "
+                              "twice); download it again") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); "
                               "download it again") from None
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not (isinstance(metadata, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings "
+                              "to strings); download it again")
     data_len = size - 8 - header_len
     infos = {name: _tensor_info(path, name, entry, data_len, 8 + header_len)
              for name, entry in header.items()}
-    return infos, metadata if isinstance(metadata, dict) else {}
+    _check_tiling(path, infos, data_len, 8 + header_len)
+    return infos, metadata
+
+
+class _DuplicateName(Exception):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateName(key[:200])
+        result[key] = value
+    return result
+
+
+def _check_tiling(path: Path, infos: dict[str, TensorInfo], data_len: int, data_start: int) -> None:
+    """Tensors must cover the data section back to back: overlaps and gaps mean a lying header."""
+    position = 0
+    for info in sorted(infos.values(), key=lambda i: (i.offset, i.nbytes)):
+        begin = info.offset - data_start
+        if begin != position:
+            why = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor '{info.name}' {why} in the data section; the "
+                                  "file is corrupt")
+        position = begin + info.nbytes
+    if position != data_len:
+        raise CheckpointError(f"{path}: {data_len - position} bytes after the last tensor belong to "
+                              "no tensor; the file is corrupt or was not written as safetensors")
 
 
 def _tensor_info(path: Path, name: str, entry: Any, data_len: int, data_start: int) -> TensorInfo:
@@ -78,21 +131,27 @@ def _tensor_info(path: Path, name: str, entry: Any, data_len: int, data_start: i
 
     if not isinstance(entry, dict):
         raise corrupt("has no header entry")
-    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    code = entry.get("dtype")
+    dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
-        raise corrupt(f"has unsupported dtype {entry.get('dtype')!r}")
+        raise corrupt(f"has unsupported dtype {str(code)[:40]!r}")
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise corrupt(f"has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) and o >= 0 for o in offsets)):
-        raise corrupt(f"has invalid data offsets {offsets!r}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(_is_count(d) for d in shape)):
+        raise corrupt(f"has an invalid shape {str(shape)[:80]}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise corrupt(f"has invalid data offsets {str(offsets)[:80]}")
     begin, end = offsets
     if end < begin or end - begin != math.prod(shape) * dtype.itemsize:
-        raise corrupt(f"claims {end - begin} bytes for shape {shape} of {entry['dtype']}")
+        raise corrupt(f"claims {end - begin} bytes for shape {shape} of {code}")
     if end > data_len:
         raise corrupt(f"ends at byte {end} but the file holds {data_len} data bytes")
     return TensorInfo(name, tuple(shape), dtype, path, data_start + begin)
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative JSON integer (``true`` is not 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class CheckpointReader:

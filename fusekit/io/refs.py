@@ -20,6 +20,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MAX_INDEX_BYTES = 64 * 2**20  # real indexes are a few hundred KiB
 # Everything a merge needs from a Hub repo: weights, configs, tokenizer files.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
@@ -128,10 +129,15 @@ def read_index(ref: str, folder: Path, index_path: Path, *,
     ``link_root`` (default: ``folder`` itself), so an index cannot make fusekit read other files.
     """
     try:
+        if index_path.stat().st_size > MAX_INDEX_BYTES:
+            raise CheckpointError(f"model '{ref}': {index_path} is larger than "
+                                  f"{MAX_INDEX_BYTES // 2**20} MiB; it is not a checkpoint index")
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except OSError as exc:
+        raise CheckpointError(f"model '{ref}': cannot read {index_path} ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise CheckpointError(f"model '{ref}': {index_path} is not a valid index "
                               "(expected JSON with a 'weight_map' object)") from None
     files: dict[str, Path] = {}

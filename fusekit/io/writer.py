@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fusekit.errors import OutputExistsError, OutputWriteError
+from fusekit.errors import NonFiniteError, OutputExistsError, OutputWriteError
 from fusekit.io.layout import (
     INDEX_FILE,
     TensorSpec,
@@ -32,7 +35,10 @@ from fusekit.io.layout import (
     tensor_bytes,
 )
 
+log = logging.getLogger("fusekit")
 PARTIAL_MARKER = ".fusekit-partial-"
+HASH_BLOCK = 16 * 2**20
+ShardDone = Callable[[str, str, int], None]  # (file name, sha256, size) once a shard is complete
 
 
 def write_error(path: Path, exc: OSError) -> OutputWriteError:
@@ -47,11 +53,26 @@ def write_error(path: Path, exc: OSError) -> OutputWriteError:
 
 
 class ShardWriter:
-    """Streams planned tensors into safetensors shards under ``folder``."""
+    """Streams planned tensors into safetensors shards under ``folder``.
+
+    Every shard is hashed (sha256) as its bytes are written, in order, so the digests of the output
+    cost no second read. Once all of a shard's bytes are written it is flushed to disk and
+    ``on_shard_done`` is told its name, digest and size (the resume journal records them).
+
+    Args:
+        folder: where the shards go (the temporary output folder).
+        specs: every output tensor in write order; shards are cut from them by ``max_shard_bytes``.
+        keep: shard file name → sha256 of shards already complete in ``folder`` (verified by the
+            caller, e.g. when resuming); they are left as they are and their tensors count as written.
+        check_finite: refuse a floating-point tensor holding NaN or infinity
+            (:class:`~fusekit.errors.NonFiniteError` naming it).
+    """
 
     def __init__(self, folder: Path, specs: Sequence[TensorSpec], *, max_shard_bytes: int | None,
                  metadata: Mapping[str, str] | None = None,
-                 index_metadata: Mapping[str, object] | None = None) -> None:
+                 index_metadata: Mapping[str, object] | None = None,
+                 keep: Mapping[str, str] | None = None, on_shard_done: ShardDone | None = None,
+                 check_finite: bool = False) -> None:
         self.folder = folder
         self._shards = plan_shards(specs, max_shard_bytes)
         self.file_names = shard_file_names(len(self._shards))
@@ -61,17 +82,49 @@ class ShardWriter:
         self._remaining = {spec.name: spec.nbytes for spec in specs}
         self._lock = threading.Lock()
         self._index_metadata = dict(index_metadata or {})
+        self._on_shard_done = on_shard_done
+        self.check_finite = check_finite
+        # Seconds to sleep per write; only tests set it, to interrupt a merge part way through.
+        self._test_delay = float(os.environ.get("FUSEKIT_TEST_WRITE_DELAY", "0") or 0)
+        keep = dict(keep or {})
+        self.hashes: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}
+        self._left: list[int] = []  # bytes still to write, per shard
+        self._hashers: list[Any] = []
+        self._hashed_to: list[int] = []  # next offset the running hash expects; -1: re-read at the end
         for number, (name, shard) in enumerate(zip(self.file_names, self._shards, strict=True)):
             header, offsets = encode_header(shard, metadata)
             path = folder / name
+            self._where.update({n: (number, off) for n, off in offsets.items()})
+            size = len(header) + sum(spec.nbytes for spec in shard)
+            self.sizes[name] = size
+            self._hashers.append(hashlib.sha256(header))
+            self._hashed_to.append(len(header))
+            if name in keep:
+                self._fds.append(-1)
+                self._left.append(0)
+                self.hashes[name] = keep[name]
+                for spec in shard:
+                    self._remaining[spec.name] = 0
+                continue
+            self._left.append(size - len(header))
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds.append(fd)
-                os.write(fd, header)
+                _write_all(fd, memoryview(header), 0)
+                os.ftruncate(fd, size)
             except OSError as exc:
                 self.close()
                 raise write_error(path, exc) from None
-            self._where.update({n: (number, off) for n, off in offsets.items()})
+        for number, left in enumerate(self._left):  # shards of nothing but empty tensors
+            if left == 0 and self.file_names[number] not in self.hashes:
+                self._complete(number)
+
+    @property
+    def kept(self) -> frozenset[str]:
+        """Names of the tensors that already sit in kept shards."""
+        return frozenset(name for name, left in self._remaining.items()
+                         if left == 0 and self._specs[name].nbytes)
 
     def write(self, name: str, tensor: torch.Tensor, *, first_row: int = 0) -> None:
         """Write a planned tensor, or the block of its rows starting at ``first_row``.
@@ -85,17 +138,46 @@ class ShardWriter:
         if not rows_ok or tensor.dtype != spec.dtype:
             raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype} at row "
                                f"{first_row}, planned {spec.shape} {spec.dtype}")
+        if self.check_finite and tensor.is_floating_point() and not is_finite(tensor):
+            raise NonFiniteError(f"tensor '{name}': the merged values hold NaN or infinity; check the "
+                                 "inputs and parameters, or pass --allow-nonfinite to write them anyway",
+                                 name)
+        if self._test_delay:
+            time.sleep(self._test_delay)
         number, offset = self._where[name]
         row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
         data = tensor_bytes(tensor.contiguous())
-        start, done = offset + first_row * row_bytes, 0
+        start = offset + first_row * row_bytes
+        with self._lock:
+            if self._hashed_to[number] == start:
+                self._hashers[number].update(data)
+                self._hashed_to[number] += len(data)
+            else:
+                self._hashed_to[number] = -1
         try:
-            while done < len(data):
-                done += os.pwrite(self._fds[number], data[done:], start + done)
+            _write_all(self._fds[number], data, start)
         except OSError as exc:
             raise write_error(self.folder / self.file_names[number], exc) from None
         with self._lock:
             self._remaining[name] -= len(data)
+            self._left[number] -= len(data)
+            done = self._left[number] == 0 and len(data) > 0
+        if done:
+            self._complete(number)
+
+    def _complete(self, number: int) -> None:
+        """A shard's bytes are all written: flush it, finish its digest, report it."""
+        name = self.file_names[number]
+        path = self.folder / name
+        try:
+            os.fsync(self._fds[number])
+            digest = (self._hashers[number].hexdigest() if self._hashed_to[number] == self.sizes[name]
+                      else file_sha256(path))
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        self.hashes[name] = digest
+        if self._on_shard_done is not None:
+            self._on_shard_done(name, digest, self.sizes[name])
 
     def finish(self) -> list[Path]:
         """Check every tensor was written, flush, write the index; return the shard paths."""
@@ -103,11 +185,6 @@ class ShardWriter:
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were not fully written, "
                                f"e.g. {missing[0]}")
-        try:
-            for fd in self._fds:
-                os.fsync(fd)
-        except OSError as exc:
-            raise write_error(self.folder, exc) from None
         self.close()
         if len(self._shards) > 1:
             index = shard_index(self._shards, self.file_names, self._index_metadata)
@@ -116,9 +193,39 @@ class ShardWriter:
 
     def close(self) -> None:
         for fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self._fds = []
+
+
+def _write_all(fd: int, data: memoryview, start: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], start + done)
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or ±inf.
+
+    A sum is NaN or infinite whenever an element is, and costs one pass without a temporary; only a
+    non-finite sum (which large finite values can also give) pays for the exact elementwise test.
+    """
+    if tensor.numel() == 0:
+        return True
+    accumulate = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None
+    if bool(torch.isfinite(tensor.sum(dtype=accumulate))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -143,22 +250,74 @@ def check_output_folder(out_dir: Path, *, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to ``out_dir`` when the block succeeds."""
+def atomic_output(out_dir: Path, *, overwrite: bool = False, reuse: Path | None = None,
+                  keep_partial: bool = False,
+                  before_rename: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``out_dir`` when the block succeeds.
+
+    Args:
+        reuse: a partial folder of an earlier, interrupted run to continue in (it is renamed to this
+            run's temporary name first, so a concurrent resume cannot take it too).
+        keep_partial: on an interruption or a failed write (disk full), keep the temporary folder so
+            that ``--resume`` can continue it; it stays hidden and never looks complete. Any other
+            error removes it.
+        before_rename: called with the temporary folder once the block succeeded, just before it
+            becomes ``out_dir`` (used to drop the resume journal).
+    """
     out_dir = Path(out_dir).absolute()
     check_output_folder(out_dir, overwrite=overwrite)
     tag = f"{PARTIAL_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temp = out_dir.parent / f".{out_dir.name}{tag}"
     try:
-        temp.mkdir(parents=True)
+        if reuse is not None:
+            os.rename(reuse, temp)
+        else:
+            temp.mkdir(parents=True)
     except OSError as exc:
         raise write_error(temp, exc) from None
     try:
         yield temp
+        if before_rename is not None:
+            before_rename(temp)
         _replace(temp, out_dir)
+    except (KeyboardInterrupt, OutputWriteError, OSError) as exc:
+        if not keep_partial:
+            shutil.rmtree(temp, ignore_errors=True)
+        elif isinstance(exc, (OutputWriteError, OSError)):
+            log.warning("the partial output is kept in %s; run again with --resume once the "
+                        "problem is fixed", temp)
+        raise
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
+
+
+def partial_folders(out_dir: Path) -> list[Path]:
+    """Partial folders that runs for ``out_dir`` left behind (newest first)."""
+    out_dir = Path(out_dir).absolute()
+    prefix = f".{out_dir.name}{PARTIAL_MARKER}"
+    if not out_dir.parent.is_dir():
+        return []
+    found = [p for p in out_dir.parent.iterdir()
+             if p.name.startswith(prefix) and not p.name[len(prefix):].startswith("old-") and p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def partial_owner(folder: Path) -> int | None:
+    """The process id in a partial folder's name, when that process is still running."""
+    pid_text = folder.name.rsplit(PARTIAL_MARKER, 1)[-1].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
 
 
 def _replace(temp: Path, out_dir: Path) -> None:

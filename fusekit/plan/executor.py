@@ -32,6 +32,7 @@ import torch
 from fusekit import __version__
 from fusekit.errors import FusekitError, TensorMismatchError
 from fusekit.io.buffers import BufferPool
+from fusekit.io.journal import OutputGuard
 from fusekit.io.layout import TensorSpec
 from fusekit.io.reader import CheckpointReader
 from fusekit.io.writer import ShardWriter
@@ -274,15 +275,17 @@ class Executor:
 
     def __init__(self, plan: Plan, *, device: torch.device, max_shard_bytes: int | None,
                  seed: int = 0, max_memory: int | None = None, pipelined: bool = True,
-                 progress: bool = False) -> None:
+                 progress: bool = False, guard: OutputGuard | None = None) -> None:
         self.plan = plan
+        self.guard = guard  # resume: skips tensors of kept shards; opens the checking writer
         self.seed = seed
         self.device = device
         self.max_shard_bytes = max_shard_bytes
         self.progress = progress
         self.pipelined = pipelined
         self.budget = working_budget(max_memory)
-        self.units = split_units(plan, self.budget)
+        self.units = [u for u in split_units(plan, self.budget)
+                      if guard is None or not guard.skip(u.task.output)]
         self.pool = BufferPool(idle_limit(self.units, self.budget), pinned=device.type == "cuda")
         # Merges whose tensors can all be cut into row blocks stream memory; whole-tensor kernels
         # with many large temporaries (SCE, model_stock, ...) run faster with glibc reusing its heap.
@@ -301,8 +304,8 @@ class Executor:
                               else os.cpu_count() or 1)
         start = time.perf_counter()
         specs = [TensorSpec(t.output, t.shape, t.out_dtype) for t in self.plan.tasks]
-        writer = ShardWriter(out, specs, max_shard_bytes=self.max_shard_bytes,
-                             index_metadata={"fusekit_version": __version__})
+        writer = (self.guard.open_writer if self.guard is not None else ShardWriter)(
+            out, specs, max_shard_bytes=self.max_shard_bytes, index_metadata={"fusekit_version": __version__})
         bar = tqdm(total=self.plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                    desc="merging", disable=not self.progress, leave=False)
 

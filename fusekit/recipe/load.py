@@ -62,6 +62,8 @@ def _collect_marks(node: yaml.Node, loc: Location, marks: dict[Location, tuple[i
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b]`: unhashable, never a recipe key
+                raise _DuplicateKey("a key must be a plain name, not a list or mapping", loc)
             key = key_node.value
             if key in seen:
                 line = key_node.start_mark.line + 1
@@ -105,7 +107,10 @@ _CountingLoader.add_implicit_resolver(
 
 def parse_yaml(text: str, name: str) -> tuple[Any, RecipeSource]:
     """Parse YAML text safely; return the data and the line marks of every value."""
-    loader = _CountingLoader(text)
+    try:
+        loader = _CountingLoader(text)
+    except yaml.YAMLError as exc:  # the reader refuses control characters before parsing starts
+        raise RecipeError(f"{name}: malformed YAML: {str(exc).splitlines()[0]}") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -122,6 +127,8 @@ def parse_yaml(text: str, name: str) -> tuple[Any, RecipeSource]:
         raise RecipeError(f"{name}: malformed YAML: {exc}") from None
     except _DuplicateKey as exc:
         raise RecipeError(f"{RecipeSource(name, marks).where(exc.loc)} {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{name}: the YAML nests too deeply; a recipe needs only a few levels") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):

@@ -1,0 +1,247 @@
+"""``fusekit.lock``: what an output was built from, so a rebuild can be skipped, pinned or checked.
+
+Every merge writes ``OUT_DIR/fusekit.lock`` (JSON) holding the fusekit, torch, safetensors and
+huggingface_hub versions, the recipe's sha256, the options that change the bytes written, the random
+seed, every input file's size and sha256 (for Hub inputs, the resolved commit and each file's size),
+and the size and sha256 of every output file. No token, absolute path or timestamp is recorded, so the
+same inputs give the same lock.
+
+Input files are hashed on a thread pool while the merge runs (:class:`InputFingerprints`); the lock is
+compared field by field (:func:`lock_differences`) to decide whether an output is up to date and
+whether ``--locked`` may proceed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from fusekit import __version__
+from fusekit.errors import CheckpointError, LockMismatchError
+from fusekit.io.refs import SAFETENSORS_INDEX, ResolvedModel
+from fusekit.io.tokenizer import GENERATION_CONFIG, TOKENIZER_FILES
+from fusekit.io.writer import file_sha256, write_text
+
+LOCK_FILE = "fusekit.lock"
+LOCK_VERSION = 1
+MAX_LOCK_BYTES = 16 * 2**20
+# Files of an input model whose content reaches the output (besides the weights).
+SIDE_INPUTS = ("config.json", GENERATION_CONFIG, SAFETENSORS_INDEX, *TOKENIZER_FILES)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour decides the output bytes."""
+    found = {"fusekit": __version__}
+    for name in ("torch", "safetensors", "huggingface_hub"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def recipe_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def model_files(model: ResolvedModel) -> dict[str, Path]:
+    """Every file of ``model`` a merge reads, by its name relative to the model folder."""
+    files: dict[str, Path] = {}
+    for path in model.weight_files:
+        files[_relative(path, model.folder)] = path
+    for name in SIDE_INPUTS:
+        path = model.folder / name
+        if path.is_file():
+            files[name] = path
+    return dict(sorted(files.items()))
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return path.name
+
+
+def stat_fingerprint(models: Mapping[str, ResolvedModel]) -> list[list[Any]]:
+    """(ref, file, size, mtime) of every input file: cheap, for recognising a run to resume."""
+    rows: list[list[Any]] = []
+    for ref, model in sorted(models.items()):
+        for name, path in model_files(model).items():
+            info = path.stat()
+            rows.append([ref, name, info.st_size, info.st_mtime_ns])
+    return rows
+
+
+class InputFingerprints:
+    """Sizes and sha256 digests of every input file, computed on worker threads.
+
+    Hub inputs are identified by their resolved commit and file sizes; they are not hashed (the
+    commit already names their content). ``result()`` waits for the digests.
+    """
+
+    def __init__(self, models: Mapping[str, ResolvedModel], *, workers: int | None = None) -> None:
+        self._models = dict(sorted(models.items()))
+        self._pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1),
+                                        thread_name_prefix="fusekit-hash")
+        self._futures: dict[tuple[str, str], Future[str]] = {}
+        for ref, model in self._models.items():
+            if model.hub_id is not None:
+                continue
+            for name, path in model_files(model).items():
+                self._futures[(ref, name)] = self._pool.submit(file_sha256, path)
+        self._pool.shutdown(wait=False)
+        self._result: dict[str, dict[str, Any]] | None = None
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        """ref → ``{"hub_id", "revision", "files": {name: {"size", "sha256"}}}``."""
+        if self._result is None:
+            inputs: dict[str, dict[str, Any]] = {}
+            for ref, model in self._models.items():
+                entry: dict[str, Any] = {}
+                if model.hub_id is not None:
+                    entry = {"hub_id": model.hub_id, "revision": model.revision}
+                files: dict[str, dict[str, Any]] = {}
+                for name, path in model_files(model).items():
+                    row: dict[str, Any] = {"size": path.stat().st_size}
+                    future = self._futures.get((ref, name))
+                    if future is not None:
+                        try:
+                            row["sha256"] = future.result()
+                        except OSError as exc:
+                            raise CheckpointError(f"model '{ref}': cannot read {path} "
+                                                  f"({exc.strerror or exc})") from None
+                    files[name] = row
+                entry["files"] = files
+                inputs[ref] = entry
+            self._result = inputs
+        return self._result
+
+    def cancel(self) -> None:
+        for future in self._futures.values():
+            future.cancel()
+
+
+def output_files(folder: Path, exclude: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """name → size and sha256 of every file in an output folder, but the lock and ``exclude``."""
+    skip = {LOCK_FILE, *exclude}
+    rows = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name not in skip:
+            rows[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    return rows
+
+
+def make_lock(*, recipe_text: str, recipe_name: str, options: Mapping[str, Any], seed: int,
+              inputs: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The lock's content (``outputs`` filled in once the output is written)."""
+    return {
+        "lock_version": LOCK_VERSION,
+        "versions": library_versions(),
+        "recipe": {"name": recipe_name, "sha256": recipe_sha256(recipe_text)},
+        "options": dict(options),
+        "random_seed": seed,
+        "inputs": dict(inputs),
+        "outputs": dict(outputs or {}),
+    }
+
+
+def write_lock(folder: Path, lock: Mapping[str, Any]) -> None:
+    write_text(folder / LOCK_FILE, json.dumps(lock, indent=2, sort_keys=True) + "\n")
+
+
+def read_lock(path: Path) -> dict[str, Any]:
+    """A lock file's content; a one-line :class:`LockMismatchError` when it is unreadable."""
+    try:
+        if path.stat().st_size > MAX_LOCK_BYTES:
+            raise LockMismatchError(f"{path}: larger than {MAX_LOCK_BYTES // 2**20} MiB; not a "
+                                    "fusekit lock file")
+        lock = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LockMismatchError(f"{path}: lock file not found; run the merge once without "
+                                "--locked to create it, or pass --lock-file") from None
+    except (OSError, ValueError, RecursionError):
+        raise LockMismatchError(f"{path}: not a readable fusekit lock file (expected JSON); "
+                                "delete it and merge again without --locked") from None
+    valid = (isinstance(lock, dict) and lock.get("lock_version") == LOCK_VERSION
+             and isinstance(lock.get("inputs"), dict) and isinstance(lock.get("outputs"), dict))
+    if not valid:
+        raise LockMismatchError(f"{path}: not a fusekit lock file of version {LOCK_VERSION}; "
+                                "merge again without --locked to rewrite it")
+    return lock
+
+
+def input_differences(locked: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """How the inputs a recipe resolves to now differ from a lock's (empty: identical)."""
+    found = []
+    for ref, entry in current.items():
+        old = locked.get(ref)
+        if not isinstance(old, dict):
+            found.append(f"model '{ref}' is not in the lock")
+            continue
+        if entry.get("revision") != old.get("revision"):
+            found.append(f"model '{ref}' resolves to commit {entry.get('revision')} but the lock "
+                         f"has {old.get('revision')}")
+            continue
+        files, old_files = entry.get("files", {}), old.get("files", {})
+        if not isinstance(old_files, dict):
+            old_files = {}
+        for name in sorted(set(files) | set(old_files)):
+            if name not in old_files:
+                found.append(f"model '{ref}': {name} is new since the lock was written")
+            elif name not in files:
+                found.append(f"model '{ref}': {name} is gone since the lock was written")
+            elif files[name] != old_files[name]:
+                found.append(f"model '{ref}': {name} changed since the lock was written "
+                             "(different size or sha256)")
+    return found
+
+
+def check_locked(lock_path: Path, current_inputs: Mapping[str, Any]) -> None:
+    """``--locked``: raise :class:`LockMismatchError` naming the first input that differs."""
+    lock = read_lock(lock_path)
+    differences = input_differences(lock["inputs"], current_inputs)
+    if differences:
+        more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        raise LockMismatchError(f"--locked: {differences[0]}{more}; {lock_path} pins the inputs — "
+                                "restore them, or merge without --locked to update the lock")
+
+
+def stale_reason(old: Mapping[str, Any], new: Mapping[str, Any], folder: Path) -> str | None:
+    """Why the output in ``folder`` (locked by ``old``) does not match ``new``; None: up to date.
+
+    ``new`` is a lock without outputs; the output files are checked against ``old``'s digests, so a
+    shard changed or removed by hand is noticed.
+    """
+    if old.get("versions") != new["versions"]:
+        return "the fusekit, torch, safetensors or huggingface_hub version changed"
+    recipe = old.get("recipe")
+    if not isinstance(recipe, dict) or recipe.get("sha256") != new["recipe"]["sha256"]:
+        return "the recipe changed"
+    if old.get("options") != new["options"]:
+        return "the output options changed"
+    if old.get("random_seed") != new["random_seed"]:
+        return "the random seed differs"
+    differences = input_differences(old.get("inputs", {}), new["inputs"])
+    if differences or set(old.get("inputs", {})) != set(new["inputs"]):
+        return differences[0] if differences else "the recipe's models changed"
+    return verify_outputs(old, folder)
+
+
+def verify_outputs(lock: Mapping[str, Any], folder: Path) -> str | None:
+    """Why the files in ``folder`` differ from those ``lock`` records; None when all match."""
+    outputs = lock.get("outputs")
+    if not isinstance(outputs, dict) or not outputs:
+        return "the lock lists no output files"
+    for name, row in sorted(outputs.items()):
+        path = folder / name
+        if (Path(name).name != name or not isinstance(row, dict) or not path.is_file()
+                or path.stat().st_size != row.get("size") or file_sha256(path) != row.get("sha256")):
+            return f"output file {name} is missing or was modified"
+    return None
