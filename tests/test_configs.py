@@ -41,6 +41,13 @@ def _validate_merge_recipe(recipe: Path) -> None:
     assert parsed.merge_method in fusekit.ops.method_names()
 
 
+def _validate_moe_recipe(recipe: Path) -> None:
+    from fusekit.moe import load_moe_recipe
+
+    parsed, _, _ = load_moe_recipe(recipe)
+    assert parsed.experts
+
+
 def _validate_ci(path: Path) -> None:
     """configs/ci/: merge recipes, and GitHub Actions workflows that rebuild and push them."""
     import yaml
@@ -65,6 +72,7 @@ def _validate_ci(path: Path) -> None:
 # configs/*.yaml are merge recipes; each subfolder holds one kind of file, checked by its loader.
 VALIDATORS: dict[str, Callable[[Path], None]] = {
     "ci": _validate_ci,
+    "moe": _validate_moe_recipe,
     "": _validate_merge_recipe,
     "parity": _validate_merge_recipe,
 }

@@ -119,8 +119,17 @@ def plan(
     """Dry run: check a recipe and show what would be read, computed and written (no tensor data
     is read)."""
     from fusekit.merging import plan as build
+    from fusekit.moe.recipe import is_moe_recipe
     from fusekit.plan.report import format_plan, plan_summary
 
+    if is_moe_recipe(recipe):  # has `experts`: what `fusekit moe` would build
+        from fusekit.moe.report import describe_moe_plan
+
+        typer.echo(describe_moe_plan(recipe, as_json=output_format is Format.json, verbose=verbose,
+                                     max_shard_bytes=parse_size(out_shard_size),
+                                     max_memory=parse_size(max_memory, "--max-memory"),
+                                     allow_pickle=allow_pickle))
+        return
     merge_plan = build(recipe, allow_pickle=allow_pickle)
     limits = {"max_shard_bytes": parse_size(out_shard_size),
               "max_memory": parse_size(max_memory, "--max-memory")}

@@ -4,6 +4,7 @@ from fusekit.ops import (
     arcee_fusion,
     linear,
     model_stock,
+    moe,
     nearswap,
     passthrough,
     ram,
@@ -21,5 +22,5 @@ from fusekit.ops.registry import (
 )
 
 __all__ = ["MergeInputs", "MergeMethod", "Params", "arcee_fusion", "get_method", "linear",
-           "method_names", "model_stock", "nearswap", "passthrough", "ram", "register",
+           "method_names", "model_stock", "moe", "nearswap", "passthrough", "ram", "register",
            "seeded_generator", "spherical", "task_vectors"]
