@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from fusekit.demo import build_demo_models
+
+# Runs in tests (and the CLIs they start) keep their digest cache out of the user's ~/.cache.
+os.environ.setdefault("FUSEKIT_CACHE", tempfile.mkdtemp(prefix="fusekit-test-cache-"))
 
 TINY = {"hidden_size": 32, "num_layers": 2, "vocab_size": 64, "num_attention_heads": 4,
         "num_key_value_heads": 2, "with_tokenizer": False}

@@ -6,7 +6,8 @@ seed, every input file's size and sha256 (for Hub inputs, the resolved commit an
 and the size and sha256 of every output file. No token, absolute path or timestamp is recorded, so the
 same inputs give the same lock.
 
-Input files are hashed on a thread pool while the merge runs (:class:`InputFingerprints`); the lock is
+Input files are hashed on a thread pool while the merge runs (:class:`InputFingerprints`), or their
+digests taken from a stat-keyed cache when unchanged (:mod:`fusekit.io.digests`); the lock is
 compared field by field (:func:`lock_differences`) to decide whether an output is up to date and
 whether ``--locked`` may proceed.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 from fusekit import __version__
 from fusekit.errors import CheckpointError, LockMismatchError
+from fusekit.io.digests import DigestCache
 from fusekit.io.refs import SAFETENSORS_INDEX, ResolvedModel
 from fusekit.io.tokenizer import GENERATION_CONFIG, TOKENIZER_FILES
 from fusekit.io.writer import file_sha256, write_text
@@ -83,11 +85,13 @@ class InputFingerprints:
     """Sizes and sha256 digests of every input file, computed on worker threads.
 
     Hub inputs are identified by their resolved commit and file sizes; they are not hashed (the
-    commit already names their content). ``result()`` waits for the digests.
+    commit already names their content). Digests of unchanged local files come from the
+    :class:`~fusekit.io.digests.DigestCache`. ``result()`` waits for the digests.
     """
 
     def __init__(self, models: Mapping[str, ResolvedModel], *, workers: int | None = None) -> None:
         self._models = dict(sorted(models.items()))
+        self._cache = DigestCache()
         self._pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1),
                                         thread_name_prefix="fusekit-hash")
         self._futures: dict[tuple[str, str], Future[str]] = {}
@@ -95,7 +99,7 @@ class InputFingerprints:
             if model.hub_id is not None:
                 continue
             for name, path in model_files(model).items():
-                self._futures[(ref, name)] = self._pool.submit(file_sha256, path)
+                self._futures[(ref, name)] = self._pool.submit(self._cache.digest, path)
         self._pool.shutdown(wait=False)
         self._result: dict[str, dict[str, Any]] | None = None
 
@@ -121,6 +125,7 @@ class InputFingerprints:
                 entry["files"] = files
                 inputs[ref] = entry
             self._result = inputs
+            self._cache.save()
         return self._result
 
     def cancel(self) -> None:
