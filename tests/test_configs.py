@@ -24,10 +24,13 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 @pytest.fixture(scope="module")
 def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder laid out like the repo after the demo: configs/ and demo-out/models/."""
+    """A folder laid out like the repo after the demo: configs/, demo-out/models/, demo-out/experts/."""
     root = tmp_path_factory.mktemp("demo")
     build_demo_models(root / "demo-out" / "models", hidden_size=32, num_layers=4,
                       num_attention_heads=4, num_key_value_heads=2)
+    from fusekit.lm.experts import build_demo_experts  # quick experts: same layout as the full set
+
+    build_demo_experts(root / "demo-out" / "experts", quick=True)
     shutil.copytree(ROOT / "configs", root / "configs")
     return root
 

@@ -19,6 +19,7 @@ import typer
 from fusekit.cli import hub as _hub_commands  # noqa: F401
 from fusekit.cli import merge as _merge_commands  # noqa: F401
 from fusekit.cli import moe as _moe_commands  # noqa: F401
+from fusekit.cli import score as _score_commands  # noqa: F401
 from fusekit.cli.app import app
 from fusekit.cli.options import parse_size
 from fusekit.errors import FusekitError

@@ -4,5 +4,7 @@ Needs the ``lm`` extra (transformers). Nothing on the plain merge path imports t
 """
 
 from fusekit.lm.load import LoadedLM, load_lm, resolve_device
+from fusekit.lm.score import TextScore, score_text, score_texts, token_logprobs
 
-__all__ = ["LoadedLM", "load_lm", "resolve_device"]
+__all__ = ["LoadedLM", "TextScore", "load_lm", "resolve_device", "score_text", "score_texts",
+           "token_logprobs"]
