@@ -456,3 +456,16 @@ def test_interrupted_merge_leaves_nothing(tmp_path: Path, big_recipe: Path, sig:
     assert partial_folders(tmp_path) == []
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1:] == ["fusekit: interrupted; no output was left behind"]
+
+
+def test_the_merge_path_never_imports_transformers(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A merge (and the CLI's import) runs without transformers: it is an extra, not a dependency."""
+    recipe = write_recipe(tmp_path / "r.yaml", linear_recipe(*tiny_models.values()))
+    code = ("import sys; from fusekit.cli import main\n"
+            "try:\n    main(['merge', sys.argv[1], sys.argv[2], '--quiet'])\n"
+            "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+            "assert 'transformers' not in sys.modules, 'transformers was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(recipe), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()

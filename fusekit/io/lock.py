@@ -244,9 +244,14 @@ def verify_outputs(lock: Mapping[str, Any], folder: Path) -> str | None:
     outputs = lock.get("outputs")
     if not isinstance(outputs, dict) or not outputs:
         return "the lock lists no output files"
-    for name, row in sorted(outputs.items()):
-        path = folder / name
-        if (Path(name).name != name or not isinstance(row, dict) or not path.is_file()
-                or path.stat().st_size != row.get("size") or file_sha256(path) != row.get("sha256")):
-            return f"output file {name} is missing or was modified"
+    cache = DigestCache()
+    try:
+        for name, row in sorted(outputs.items()):
+            path = folder / name
+            if (Path(name).name != name or not isinstance(row, dict) or not path.is_file()
+                    or path.stat().st_size != row.get("size")
+                    or cache.digest(path) != row.get("sha256")):
+                return f"output file {name} is missing or was modified"
+    finally:
+        cache.save()
     return None
