@@ -84,9 +84,11 @@ class TensorContext:
 class BlockwiseMerge(Protocol):
     """A kernel that sees its tensor in row blocks: ``passes`` statistics passes, each over every
     block in row order and closed by :meth:`end_pass`, then :meth:`apply` on every block in row
-    order. Any cut into blocks, one block included, gives the same bytes."""
+    order. Any cut into blocks, one block included, gives the same bytes. ``passes`` is None when
+    these parameters need the whole tensor at once: then :meth:`apply` gets it as one block."""
 
-    passes: int
+    @property
+    def passes(self) -> int | None: ...
 
     def observe(self, stage: int, block: MergeInputs) -> None: ...
 
@@ -110,7 +112,7 @@ def whole_tensor(start: BlockwiseStart) -> Kernel:
 
     def kernel(inputs: MergeInputs) -> torch.Tensor:
         merge = start(tensor_context(inputs))
-        for stage in range(merge.passes):
+        for stage in range(merge.passes or 0):
             merge.observe(stage, inputs)
             merge.end_pass(stage)
         return merge.apply(inputs)

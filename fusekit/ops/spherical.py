@@ -16,16 +16,18 @@
 Every kernel reproduces mergekit 0.1.5 operation for operation, including its working precision:
 ``slerp`` sums norms and the dot product row by row in float64 (so the result does not depend on
 how a tensor is cut into row blocks), interpolates in float32 (float64 for float64 inputs) and
-rounds once to the compute dtype; ``nuslerp`` and ``multislerp`` run entirely in the compute dtype
+rounds once to the compute dtype; flattened ``nuslerp`` takes its angle the same way and mixes in
+the compute dtype, per-vector ``nuslerp`` and ``multislerp`` run entirely in the compute dtype
 (bf16 stays bf16); ``karcher`` takes norms in float32 and keeps directions in the compute dtype.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from fusekit.errors import RecipeError
 from fusekit.ops.registry import MergeInputs, NoParams, Params, TensorContext, register, whole_tensor
@@ -151,25 +153,75 @@ def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bo
     return result.reshape(shape)
 
 
+def _nuslerp_t(model_params: Sequence[BaseModel]) -> float:
+    w1, w2 = (p.weight for p in model_params)  # type: ignore[attr-defined]
+    total = w1 + w2
+    return 0.5 if abs(total) < NUSLERP_ZERO_WEIGHTS else w2 / total
+
+
+class NuslerpPasses:
+    """NuSLERP as a :class:`~fusekit.ops.registry.BlockwiseMerge`.
+
+    Flattened (the default), one pass sums ``‖v_1‖²``, ``‖v_2‖²`` and ``<v_1, v_2>`` row by row (see
+    :mod:`fusekit.ops.rows`) and every block is then ``c_1 v_1 + c_2 v_2`` with the whole tensor's
+    coefficients; per row (``nuslerp_flatten: false``) each block is merged on its own; per column
+    (``nuslerp_row_wise``) the tensor is merged whole.
+    """
+
+    def __init__(self, context: TensorContext) -> None:
+        self.t = _nuslerp_t(context.model_params)
+        self.flatten = bool(context.params.nuslerp_flatten)  # type: ignore[attr-defined]
+        self.row_wise = bool(context.params.nuslerp_row_wise)  # type: ignore[attr-defined]
+        self.passes: int | None = 1 if self.flatten else None if self.row_wise else 0
+        self._sums: tuple[list[float], list[float], list[float]] = ([], [], [])
+        self._coefs = (1 - self.t, self.t)
+
+    @staticmethod
+    def _vectors(block: MergeInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        first, second = block.tensors
+        if block.base is None:
+            return first, second
+        return first - block.base, second - block.base
+
+    def observe(self, stage: int, block: MergeInputs) -> None:
+        v0, v1 = self._vectors(block)
+        for sums, values in zip(self._sums, (v0 * v0, v1 * v1, v0 * v1), strict=True):
+            sums.extend(row_sums(values))
+
+    def end_pass(self, stage: int) -> None:
+        squares_0, squares_1, dot = (exact_total(sums) for sums in self._sums)
+        norm_0 = max(math.sqrt(squares_0), NUSLERP_NORM_FLOOR)
+        norm_1 = max(math.sqrt(squares_1), NUSLERP_NORM_FLOOR)
+        cos = min(1.0, max(-1.0, dot / (norm_0 * norm_1)))
+        if 1 - cos * cos <= NUSLERP_EPS**2:
+            return
+        theta = math.acos(cos)
+        self._coefs = (math.sin((1 - self.t) * theta) / math.sin(theta),
+                       math.sin(self.t * theta) / math.sin(theta))
+
+    def apply(self, block: MergeInputs) -> torch.Tensor:
+        v0, v1 = self._vectors(block)
+        if self.flatten:
+            result = self._coefs[0] * v0 + self._coefs[1] * v1
+        else:
+            result = nuslerp_tensors(self.t, v0, v1, flatten=False, row_wise=self.row_wise)
+        return result if block.base is None else block.base + result
+
+
+_nuslerp = whole_tensor(NuslerpPasses)
+
+
 @register("nuslerp", model_params=WeightModelParams, method_params=NuslerpParams,
           base="optional", min_models=2, max_models=2,
-          summary="slerp of two models (or their task vectors) with t = w2 / (w1 + w2)")
+          summary="slerp of two models (or their task vectors) with t = w2 / (w1 + w2)",
+          blockwise=NuslerpPasses)
 def nuslerp(inputs: MergeInputs) -> torch.Tensor:
     """``slerp(t; θ_1, θ_2)`` with ``t = w_2/(w_1+w_2)`` (0.5 when ``|w_1+w_2| < 1e-6``).
 
-    With a base: ``θ_base + slerp(t; θ_1 − θ_base, θ_2 − θ_base)``.
+    With a base: ``θ_base + slerp(t; θ_1 − θ_base, θ_2 − θ_base)``. Flattened, the angle is summed
+    in float64 row by row (see :class:`NuslerpPasses`), so large tensors can be cut into blocks.
     """
-    w1, w2 = (p.weight for p in inputs.model_params)  # type: ignore[attr-defined]
-    total = w1 + w2
-    t = 0.5 if abs(total) < NUSLERP_ZERO_WEIGHTS else w2 / total
-    first, second = inputs.tensors
-    flatten = inputs.params.nuslerp_flatten  # type: ignore[attr-defined]
-    row_wise = inputs.params.nuslerp_row_wise  # type: ignore[attr-defined]
-    if inputs.base is None:
-        return nuslerp_tensors(t, first, second, flatten=flatten, row_wise=row_wise)
-    base = inputs.base
-    return base + nuslerp_tensors(t, first - base, second - base, flatten=flatten,
-                                  row_wise=row_wise)
+    return _nuslerp(inputs)
 
 
 # -- multislerp -----------------------------------------------------------------------------------

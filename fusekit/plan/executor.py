@@ -187,25 +187,26 @@ def split_units(plan: Plan, budget: int | None) -> list[WorkUnit]:
     for task in plan.tasks:
         target = budget // UNITS_IN_FLIGHT if budget else None
         rows = task.shape[0] if len(task.shape) > 1 else 0
-        method = get_method(task.method)
-        if (target is None or task.working_bytes() <= target or rows < 2 or not method.splits_rows
+        passes = stats_passes(task)
+        if (target is None or task.working_bytes() <= target or rows < 2 or passes is None
                 or not task.compute_dtype.is_floating_point):
             units.append(WorkUnit(task))
             continue
         per_row = max(1, task.working_bytes(1))
         step = max(1, min(rows, target // per_row))
         blocks = [(r, min(rows, r + step)) for r in range(0, rows, step)]
-        passes = stats_passes(task)
         units += [WorkUnit(task, block, stage, passes) for stage in range(passes + 1) for block in blocks]
     return units
 
 
-def stats_passes(task: TensorTask) -> int:
-    """How many statistics passes a blockwise method makes over ``task`` (0 for the others)."""
-    start = get_method(task.method).blockwise
-    if start is None:
-        return 0
-    return start(TensorContext(task.model_params, task.params, task.shape, task.compute_dtype)).passes
+def stats_passes(task: TensorTask) -> int | None:
+    """How many statistics passes a blockwise method makes over ``task`` (0 for elementwise
+    methods); None when ``task`` cannot be cut into row blocks."""
+    method = get_method(task.method)
+    if method.blockwise is None:
+        return 0 if method.elementwise else None
+    context = TensorContext(task.model_params, task.params, task.shape, task.compute_dtype)
+    return method.blockwise(context).passes
 
 
 def held_budget(units: list[WorkUnit], budget: int | None) -> int | None:
