@@ -51,6 +51,13 @@ def _validate_moe_recipe(recipe: Path) -> None:
     assert parsed.experts
 
 
+def _validate_ensemble_recipe(recipe: Path) -> None:
+    from fusekit.ensemble import load_ensemble_recipe
+
+    parsed, _ = load_ensemble_recipe(recipe)
+    assert parsed.models
+
+
 def _validate_ci(path: Path) -> None:
     """configs/ci/: merge recipes, and GitHub Actions workflows that rebuild and push them."""
     import yaml
@@ -75,6 +82,7 @@ def _validate_ci(path: Path) -> None:
 # configs/*.yaml are merge recipes; each subfolder holds one kind of file, checked by its loader.
 VALIDATORS: dict[str, Callable[[Path], None]] = {
     "ci": _validate_ci,
+    "ensemble": _validate_ensemble_recipe,
     "moe": _validate_moe_recipe,
     "": _validate_merge_recipe,
     "parity": _validate_merge_recipe,

@@ -16,6 +16,7 @@ from typing import NoReturn
 import typer
 
 # Each command module registers its commands on ``app`` when imported; keep one line per module.
+from fusekit.cli import ensemble as _ensemble_commands  # noqa: F401
 from fusekit.cli import hub as _hub_commands  # noqa: F401
 from fusekit.cli import merge as _merge_commands  # noqa: F401
 from fusekit.cli import moe as _moe_commands  # noqa: F401

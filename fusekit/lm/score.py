@@ -75,7 +75,8 @@ def max_context(lm: LoadedLM) -> int:
     return DEFAULT_MAX_CONTEXT
 
 
-def _resolve_window(lm: LoadedLM, context: int | None, stride: int | None) -> tuple[int, int]:
+def resolve_window(lm: LoadedLM, context: int | None, stride: int | None) -> tuple[int, int]:
+    """``(context, stride)`` for scoring with ``lm``: defaults filled in, bad values refused."""
     limit = max_context(lm)
     if context is None:
         context = min(limit, DEFAULT_MAX_CONTEXT)
@@ -110,7 +111,7 @@ def encode(lm: LoadedLM, text: str) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _windows(index: int, seq: list[int], context: int, stride: int) -> list[_Window]:
+def sliding_windows(index: int, seq: list[int], context: int, stride: int) -> list[_Window]:
     """Cover positions 1..len(seq)-1 of ``seq`` once each, windows of at most ``context`` tokens."""
     windows: list[_Window] = []
     end = min(context, len(seq))
@@ -178,7 +179,7 @@ def score_texts(lm: LoadedLM, texts: Sequence[str], *, context: int | None = Non
     Raises:
         FusekitError: a text is empty, the model has no tokenizer, or context/stride are invalid.
     """
-    context, stride = _resolve_window(lm, context, stride)
+    context, stride = resolve_window(lm, context, stride)
     start = _start_token(lm)
     vocab = lm.model.get_output_embeddings().weight.shape[0]
     windows: list[_Window] = []
@@ -194,7 +195,7 @@ def score_texts(lm: LoadedLM, texts: Sequence[str], *, context: int | None = Non
         else:  # no BOS or EOS: the first token is charged ln(vocab), a uniform guess
             seq = ids
             scores.append(TextScore(n_bytes, len(ids), math.log(vocab)))
-        windows.extend(_windows(index, seq, context, stride))
+        windows.extend(sliding_windows(index, seq, context, stride))
     for window, nll in zip(windows, _run_windows(lm, windows, batch_size), strict=True):
         scores[window.text].nll_nats += nll
     return scores

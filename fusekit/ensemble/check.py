@@ -1,0 +1,100 @@
+"""``fusekit ensemble check``: what an ensemble will cost and whether its members fit together,
+from configs, tokenizers and safetensors headers only (no weights are loaded)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fusekit.ensemble.align.relative import relative_table_bytes, shared_anchors
+from fusekit.ensemble.members import token_vocab
+from fusekit.ensemble.recipe import CROSS_VOCAB_METHODS, SAME_VOCAB_METHODS, load_ensemble_recipe
+from fusekit.io.reader import CheckpointReader
+from fusekit.io.refs import resolve_model
+from fusekit.lm.load import load_tokenizer
+
+
+def check_ensemble(path: Path | str) -> dict[str, Any]:
+    """A compatibility report as a dict: members (vocabulary, tokenizer family, special tokens,
+    parameters), vocabulary overlap with the primary, alignment-table memory and cost per token.
+
+    Raises:
+        FusekitError: the recipe is invalid, or a model or its tokenizer cannot be found.
+    """
+    recipe, _ = load_ensemble_recipe(path)
+    members: list[dict[str, Any]] = []
+    vocabs = []
+    for i, entry in enumerate(recipe.models):
+        resolved = resolve_model(entry.model)
+        tokenizer = load_tokenizer(entry.model, resolved.folder)
+        config_path = resolved.config_path
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        with CheckpointReader(resolved) as reader:
+            params = sum(math.prod(reader.info(name).shape) for name in reader.names())
+        width = int(config.get("vocab_size") or len(tokenizer))
+        vocab = token_vocab(tokenizer, width)
+        vocabs.append(vocab)
+        members.append({"index": i, "model": entry.model, "weight": round(recipe.weights()[i], 6),
+                        "parameters": params, "vocab_size": width, "tokenizer": vocab.family,
+                        "special_tokens": vocab.special, "context": config.get("max_position_embeddings")})
+    primary = vocabs[recipe.primary]
+    same = all(v.fingerprint == primary.fingerprint for v in vocabs)
+    for m, v in zip(members, vocabs, strict=True):
+        both = set(v.by_bytes) & set(primary.by_bytes)
+        m["same_tokenizer_as_primary"] = v.fingerprint == primary.fingerprint
+        m["shared_spellings_with_primary"] = round(len(both) / max(1, len(set(v.by_bytes))), 4)
+    cost = sum(m["parameters"] for m in members)
+    report: dict[str, Any] = {
+        "recipe": str(path), "method": recipe.method, "primary": recipe.primary, "members": members,
+        "one_vocabulary": same,
+        "cost_per_token": {"parameters": cost, "flops": 2 * cost,
+                           "vs_primary": round(cost / max(1, members[recipe.primary]["parameters"]), 3)},
+    }
+    if recipe.method == "cascade":
+        report["cost_per_token"]["note"] = "cascade runs later members only where earlier ones are unsure"
+    anchors = shared_anchors(vocabs, recipe.primary, None)
+    union = len({k for v in vocabs for k in v.keys if k is not None})
+    params = recipe.params()
+    report["alignment"] = {"union_vocab_size": union, "shared_anchors": len(anchors),
+                           "relative_table_bytes": relative_table_bytes(
+                               [v.width for v in vocabs],
+                               min(len(anchors), getattr(params, "max_anchors", None) or len(anchors)))}
+    problems = []
+    if recipe.method in SAME_VOCAB_METHODS and not same:
+        problems.append(f"method {recipe.method} needs one vocabulary but the tokenizers differ; use "
+                        "method: union or relative")
+    if recipe.method in CROSS_VOCAB_METHODS and same:
+        problems.append(f"all tokenizers are the same; method prob_avg gives what {recipe.method} "
+                        "gives, faster")
+    if recipe.method == "relative":
+        from fusekit.cli.options import parse_size
+
+        budget = parse_size(params.max_table_memory, "parameters.max_table_memory")
+        need = report["alignment"]["relative_table_bytes"]
+        if need > budget and not params.sparsify:
+            problems.append(f"relative tables need {need} bytes, over max_table_memory "
+                            f"{params.max_table_memory}; set sparsify: true or lower max_anchors")
+    report["problems"] = problems
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text for people."""
+    lines = [f"{report['recipe']}: method {report['method']}, primary {report['primary']}, "
+             f"{'one vocabulary' if report['one_vocabulary'] else 'different vocabularies'}"]
+    for m in report["members"]:
+        same = "same tokenizer as primary" if m["same_tokenizer_as_primary"] else "other tokenizer"
+        lines.append(f"  [{m['index']}] {m['model']}: weight {m['weight']:g}, "
+                     f"{m['parameters']:,} parameters, vocab {m['vocab_size']} ({m['tokenizer']}), "
+                     f"{same}, "
+                     f"{m['shared_spellings_with_primary']:.0%} spellings shared, specials "
+                     + ", ".join(f"{k}={v}" for k, v in m["special_tokens"].items()))
+    a, c = report["alignment"], report["cost_per_token"]
+    lines.append(f"  alignment: union vocabulary {a['union_vocab_size']}, "
+                 f"{a['shared_anchors']} shared anchors, "
+                 f"relative tables {a['relative_table_bytes'] / 1e6:.1f} MB")
+    lines.append(f"  cost per token: {c['flops']:,} FLOPs, {c['vs_primary']}x the primary")
+    lines += [f"  problem: {p}" for p in report["problems"]] or ["  ok"]
+    return "\n".join(lines)

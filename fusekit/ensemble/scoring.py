@@ -1,0 +1,207 @@
+"""Bits per byte of a text under an ensemble, with the convention of :mod:`fusekit.lm.score`.
+
+The text is tokenised by the primary; its first token is scored after the primary's start token
+(BOS, else EOS; with neither it is charged ``ln(vocab)``), and long texts use the same sliding
+windows as :func:`fusekit.lm.score.score_text`, so an ensemble of a model with itself scores
+exactly as the model does. At every position the method's distribution is a proper distribution
+over the next token (the primary's vocabulary, or the union of the vocabularies for ``union``),
+and the text pays ``-log p`` of the primary's next token. Members with a different tokenizer follow
+the text through :class:`~fusekit.ensemble.members.TextStream`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fusekit.ensemble import combine
+from fusekit.ensemble.cascade import CascadeStats
+from fusekit.ensemble.engine import Ensemble
+from fusekit.ensemble.members import Member, TextStream, longest_complete_prefix
+from fusekit.errors import FusekitError
+from fusekit.lm.score import TextScore, encode, resolve_window, score_text, sliding_windows
+
+
+@dataclass
+class EnsembleScore:
+    """The ensemble's score of one text, each member's own score, and method statistics."""
+
+    ensemble: TextScore
+    members: list[TextScore]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _window_logprobs(member: Member, ids: list[int]) -> torch.Tensor:
+    """``(len(ids) - 1, vocab)`` log-probabilities of each next token within one window."""
+    tensor = torch.tensor([ids], device=member.lm.device)
+    with torch.inference_mode():
+        logits = member.lm.model(input_ids=tensor, use_cache=False).logits[0, :-1]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def score_ensemble(ens: Ensemble, text: str, *, context: int | None = None, stride: int | None = None,
+                   members: bool = True) -> EnsembleScore:
+    """Score ``text`` with the ensemble and (``members=True``) each member alone.
+
+    Raises:
+        FusekitError: empty text, a method without token probabilities (``topk_union``, ``vote``,
+            ``mbr``), or a primary tokenizer that does not spell the text byte for byte.
+    """
+    if not text:
+        raise FusekitError("the text is empty; there is nothing to score")
+    if ens.method in ("topk_union", "vote", "mbr"):
+        raise FusekitError(f"method {ens.method} picks tokens or answers without a full distribution, so it "
+                           "has no bits per byte; score the same models with method: union or prob_avg")
+    primary = ens.primary_member
+    same = [m for m in ens.members if m.vocab.fingerprint == primary.vocab.fingerprint]
+    others = [m for m in ens.members if m.vocab.fingerprint != primary.vocab.fingerprint]
+    context, stride = resolve_window(primary.lm, context, stride)
+    context = min([context, *(m.context() for m in same)])
+    stride = min(stride, context - 1)
+    asked = (context, stride)
+    ids = encode(primary.lm, text)
+    data = text.encode("utf-8")
+    pieces = [primary.vocab.pieces[i] if i < primary.vocab.width else None for i in ids]
+    if others and b"".join(p or b"" for p in pieces) != data:
+        raise FusekitError(f"the primary '{primary.ref}' tokenizer does not spell the text byte for byte "
+                           "(it normalises it), so other tokenizers cannot follow it; choose another primary")
+    start = primary.vocab.start_id
+    width = min(m.vocab.width for m in same)
+    if start is not None:
+        seq, first_cost = [start, *ids], 0.0
+    else:
+        seq, first_cost = ids, math.log(width)
+    offsets = [0]  # byte offset of the text before seq[j]
+    if start is not None:
+        offsets.append(0)
+    for p in (pieces if start is not None else pieces[:-1]):
+        offsets.append(offsets[-1] + len(p or b""))
+    scorer = _Scorer(ens, same, others, data, width)
+    nll = first_cost
+    cursor = 1  # windows score positions 1, 2, ... of seq in order, each exactly once
+    for window in sliding_windows(0, seq, context, stride):
+        start = cursor - window.first  # index in seq of the window's first token
+        nll += scorer.window(window.ids, window.first, offsets[start:start + len(window.ids)])
+        cursor += len(window.ids) - window.first
+    result = EnsembleScore(TextScore(len(data), len(ids), nll), [], scorer.details())
+    if members:
+        result.members = [_member_score(m, text, *asked) for m in ens.members]
+    return result
+
+
+class _Scorer:
+    def __init__(self, ens: Ensemble, same: list[Member], others: list[Member], data: bytes,
+                 width: int) -> None:
+        self.ens, self.same, self.others, self.data, self.width = ens, same, others, data, width
+        self.streams = {m.index: TextStream(m) for m in others}
+        self.cascade = CascadeStats([0] * len(ens.members)) if ens.method == "cascade" else None
+        self.positions = 0
+        self.ensembled = 0
+        self.abstained = 0
+
+    def details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"positions": self.positions}
+        if self.cascade is not None:
+            out["escalation_rate"] = round(self.cascade.escalation_rate, 4)
+            out["answered_by"] = self.cascade.answered
+        if getattr(self.ens.params, "gate", None) is not None:
+            out["ensembled_share"] = round(self.ensembled / max(1, self.positions), 4)
+        if self.others:
+            out["abstained"] = self.abstained  # member-positions a tokenizer could not follow
+        return out
+
+    def window(self, ids: list[int], first: int, offsets: list[int]) -> float:
+        """Summed NLL of the scored tokens of one window; ``offsets[j]``: bytes before ``ids[j]``."""
+        ens = self.ens
+        lps = {m.index: _window_logprobs(m, ids)[:, :self.width] for m in self.same}
+        rows = range(first - 1, len(ids) - 1)  # row r predicts ids[r + 1]
+        targets = torch.tensor([ids[r + 1] for r in rows])
+        idx = torch.tensor(list(rows))
+        self.positions += len(idx)
+        primary_lp = lps[ens.primary][idx]
+        gate = getattr(ens.params, "gate", None)
+        if ens.method == "cascade":
+            stacked = torch.stack([lps[m.index][idx] for m in ens.members])
+            picked, chosen = combine.cascade(stacked, ens.params.threshold)
+            assert self.cascade is not None
+            self.cascade.add(chosen)
+            return float(-picked.gather(-1, targets[:, None]).double().sum())
+        if ens.method in ("prob_avg", "logit_avg"):
+            stacked = torch.stack([lps[m.index][idx] for m in ens.members])
+            w = torch.tensor(ens.weights)
+            mixed = (combine.prob_avg if ens.method == "prob_avg" else combine.logit_avg)(stacked, w)
+            final = combine.gate(primary_lp, mixed, gate)
+            if gate is not None:
+                self.ensembled += int((~combine.confident(primary_lp, gate)).sum())
+            return float(-final.gather(-1, targets[:, None]).double().sum())
+        return self._cross(lps, idx, targets, [offsets[r + 1] for r in rows], primary_lp, gate)
+
+    def _cross(self, lps: dict[int, torch.Tensor], idx: torch.Tensor, targets: torch.Tensor,
+               offsets: list[int], primary_lp: torch.Tensor, gate: float | None) -> float:
+        ens = self.ens
+        total = 0.0
+        relative_probs: list[dict[int, torch.Tensor]] = []
+        relative_targets: list[int] = []
+        for k, offset in enumerate(offsets):
+            target = int(targets[k])
+            if gate is not None and bool(combine.confident(primary_lp[k], gate)):
+                total -= float(primary_lp[k, target])
+                continue
+            self.ensembled += gate is not None
+            prefix = self.data[:offset]
+            cut = longest_complete_prefix(prefix)
+            text, pending = prefix[:cut].decode("utf-8"), prefix[cut:]
+            probs = {m.index: lps[m.index][int(idx[k])].exp() for m in self.same}
+            for m in self.others:
+                stream = self.streams[m.index]
+                if stream.set_text(text, pending):
+                    probs[m.index] = stream.logprobs().exp().cpu()
+                else:
+                    self.abstained += 1
+            weights = ens.cross_weights(list(probs))
+            if ens.method == "union":
+                piece = ens.primary_member.vocab.pieces[target] or b""
+                p = 0.0
+                for i, w in weights.items():
+                    vocab = ens.members[i].vocab
+                    token = target if vocab.fingerprint == ens.primary_member.vocab.fingerprint \
+                        else vocab.by_bytes.get(piece)
+                    p += w * (float(probs[i][token]) if token is not None else 0.0)
+                total -= math.log(max(p, 1e-300))
+            else:
+                relative_probs.append(probs)
+                relative_targets.append(target)
+        if relative_probs:
+            total -= self._relative(relative_probs, relative_targets)
+        return total
+
+    def _relative(self, rows: list[dict[int, torch.Tensor]], targets: list[int]) -> float:
+        """Summed log-probability of ``targets`` under the relative aggregate, positions batched by which
+        members took part (a member abstains where its tokenizer cannot follow)."""
+        ens = self.ens
+        aligner = ens._relative
+        assert aligner is not None
+        p = ens.params
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, row in enumerate(rows):
+            groups.setdefault(tuple(sorted(row)), []).append(k)
+        total = 0.0
+        for present, ks in groups.items():
+            probs = {i: torch.stack([rows[k][i] for k in ks]) for i in present}
+            logp = aligner.aggregate(probs, ens.cross_weights(present), steps=p.steps,
+                                     learning_rate=p.learning_rate, candidates=p.candidates)
+            total += float(logp.gather(-1, torch.tensor([targets[k] for k in ks])[:, None]).double().sum())
+        return total
+
+
+def _member_score(member: Member, text: str, context: int | None, stride: int | None) -> TextScore:
+    """The member alone, with the ensemble's window where it fits the member's context."""
+    limit = member.context()
+    if context is not None and context > limit:
+        context = limit
+    if context is not None and stride is not None:
+        stride = min(stride, context - 1)
+    return score_text(member.lm, text, context=context, stride=stride)
