@@ -16,6 +16,8 @@ from fusekit.cli.options import (
     Device,
     Format,
     MaxMemoryOpt,
+    OutDirArg,
+    OverwriteOpt,
     PickleOpt,
     PrivateOpt,
     RecipeArg,
@@ -29,10 +31,8 @@ from fusekit.cli.options import (
                     "--push-to-hub my-org/my-merge")
 def merge(
     recipe: RecipeArg,
-    out_dir: Annotated[Path, typer.Argument(help="Output folder; written atomically.",
-                                            show_default=False)],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty "
-                                            "output folder.")] = False,
+    out_dir: OutDirArg,
+    overwrite: OverwriteOpt = False,
     out_shard_size: ShardSizeOpt = "5GB",
     max_memory: MaxMemoryOpt = "1GB",
     device: Annotated[Device, typer.Option("--device", help="Where the arithmetic runs.")] = Device.cpu,

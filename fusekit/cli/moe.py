@@ -5,22 +5,29 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from fusekit.cli.app import app
-from fusekit.cli.options import Device, Format, MaxMemoryOpt, PickleOpt, RecipeArg, ShardSizeOpt, parse_size
+from fusekit.cli.options import (
+    Device,
+    Format,
+    MaxMemoryOpt,
+    OutDirArg,
+    OverwriteOpt,
+    PickleOpt,
+    RecipeArg,
+    ShardSizeOpt,
+    parse_size,
+)
 
 
 @app.command(epilog="Example: fusekit moe configs/moe/mixtral-hidden.yaml ./moe --device auto")
 def moe(
     recipe: RecipeArg,
-    out_dir: Annotated[Path, typer.Argument(help="Output folder; written atomically.",
-                                            show_default=False)],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty "
-                                            "output folder.")] = False,
+    out_dir: OutDirArg,
+    overwrite: OverwriteOpt = False,
     out_shard_size: ShardSizeOpt = "5GB",
     max_memory: MaxMemoryOpt = "1GB",
     device: Annotated[Device, typer.Option("--device", help="Where the base model runs for "

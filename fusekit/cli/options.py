@@ -56,3 +56,6 @@ RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch 
                                                  "when missing); default main.", show_default=False)]
 CommitMessageOpt = Annotated[str | None, typer.Option("--commit-message", help="Commit message for the "
                                                       "upload.", show_default=False)]
+OutDirArg = Annotated[Path, typer.Argument(help="Output folder; written atomically.", show_default=False)]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty "
+                                            "output folder.")]

@@ -11,14 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fusekit.recipe.load import (
-    Location,
-    RecipeSource,
-    parse_yaml,
-    read_recipe_text,
-    suggest,
-    validate,
-)
+from fusekit.recipe.load import Location, RecipeSource, load_recipe, parse_recipe, suggest
 from fusekit.recipe.schema import DType, ModelRefText
 
 SAME_VOCAB_METHODS = ("prob_avg", "logit_avg", "cascade")
@@ -184,12 +177,9 @@ def check_ensemble_recipe(recipe: EnsembleRecipe) -> list[tuple[Location, str]]:
 
 def load_ensemble_recipe(path: Path | str) -> tuple[EnsembleRecipe, RecipeSource]:
     """Read, parse and validate an ensemble recipe; raise RecipeError naming file and line."""
-    path = Path(path)
-    data, source = parse_yaml(read_recipe_text(path), str(path))
-    return validate(EnsembleRecipe, data, source, check_ensemble_recipe), source
+    return load_recipe(path, EnsembleRecipe, check_ensemble_recipe)
 
 
 def parse_ensemble_recipe(text: str, name: str = "<recipe>") -> tuple[EnsembleRecipe, RecipeSource]:
     """Like :func:`load_ensemble_recipe` for YAML text held in memory."""
-    data, source = parse_yaml(text, name)
-    return validate(EnsembleRecipe, data, source, check_ensemble_recipe), source
+    return parse_recipe(text, name, EnsembleRecipe, check_ensemble_recipe)

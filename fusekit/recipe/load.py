@@ -223,6 +223,22 @@ def _join(lines: list[str]) -> str:
     return f"{len(unique)} problems: " + " | ".join(unique)
 
 
+def load_recipe(path: Path | str, root: type[ModelT],
+                checks: Callable[[ModelT], list[tuple[Location, str]]] | None = None,
+                ) -> tuple[ModelT, RecipeSource]:
+    """Read, parse and validate a YAML recipe file as ``root``; one RecipeError naming file and line."""
+    path = Path(path)
+    return parse_recipe(read_recipe_text(path), str(path), root, checks)
+
+
+def parse_recipe(text: str, name: str, root: type[ModelT],
+                 checks: Callable[[ModelT], list[tuple[Location, str]]] | None = None,
+                 ) -> tuple[ModelT, RecipeSource]:
+    """Like :func:`load_recipe` for YAML text held in memory."""
+    data, source = parse_yaml(text, name)
+    return validate(root, data, source, checks), source
+
+
 def read_recipe_text(path: Path) -> str:
     """The recipe file's text, or a one-line error naming the file."""
     try:

@@ -270,6 +270,8 @@ class RelativeAligner:
                candidates: int) -> torch.Tensor:
         """Move ``logq (..., V)`` on its ``candidates`` most likely tokens (the rest keep their
         probabilities) so that its relative representation approaches ``target (..., A)``."""
+        if steps <= 0:  # (x − log m) + log m need not round back to x
+            return logq
         flat, goal = logq.reshape(-1, logq.shape[-1]), target.reshape(-1, target.shape[-1])
         top = flat.topk(min(candidates, flat.shape[-1]), dim=-1).indices  # (N, C)
         table = self.tables[self.primary]
