@@ -371,8 +371,15 @@ def karcher_tensors(tensors: list[torch.Tensor], *, max_iter: int, tol: float) -
     return scale * direction
 
 
+def _karcher_scratch(n_inputs: int, size: int) -> int:
+    """Bytes per element: a unit vector per model, the mean and the tangent step, a temporary,
+    and the float32 copy each norm takes (measured: 1.65 GB peak for 3 bf16 1B models)."""
+    return (n_inputs + 3) * size + 4
+
+
 @register("karcher", method_params=KarcherParams, base="unused", min_models=1,
-          summary="Riemannian (Karcher) mean of the models on the hypersphere, mean norm restored")
+          summary="Riemannian (Karcher) mean of the models on the hypersphere, mean norm restored",
+          scratch=_karcher_scratch)
 def karcher(inputs: MergeInputs) -> torch.Tensor:
     """See :func:`karcher_tensors`; a listed base is just one more model."""
     params = inputs.params
