@@ -150,7 +150,7 @@ def _memory_kib(pid: int) -> tuple[int, int]:
 def run_fusekit(recipe_path: Path, out_dir: Path, *extra: str) -> dict[str, float]:
     """Run ``fusekit merge`` in a fresh process: wall time, its own merge time and memory."""
     command = [sys.executable, "-m", "fusekit", "merge", str(recipe_path), str(out_dir),
-               "--overwrite", "--format", "json", "--random-seed", "0", *extra]
+               "--force", "--format", "json", "--random-seed", "0", *extra]  # never "up to date"
     return _timed(command, lambda out: {"merge": json.loads(out)["seconds"]})
 
 

@@ -14,6 +14,7 @@ whether ``--locked`` may proceed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -37,9 +38,22 @@ MAX_LOCK_BYTES = 16 * 2**20
 SIDE_INPUTS = ("config.json", GENERATION_CONFIG, SAFETENSORS_INDEX, *TOKENIZER_FILES)
 
 
+@functools.cache
+def source_digest() -> str:
+    """sha256 over fusekit's own Python files: changes with the code even when the version does
+    not (a development checkout), so an output built by other code is never "up to date"."""
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour decides the output bytes."""
-    found = {"fusekit": __version__}
+    """Versions of the libraries whose behaviour decides the output bytes (fusekit's with a digest
+    of its source)."""
+    found = {"fusekit": __version__, "fusekit_source": source_digest()}
     for name in ("torch", "safetensors", "huggingface_hub"):
         try:
             found[name] = version(name)
