@@ -51,6 +51,13 @@ def _validate_moe_recipe(recipe: Path) -> None:
     assert parsed.experts
 
 
+def _validate_route_recipe(recipe: Path) -> None:
+    from fusekit.route import load_route_recipe
+
+    parsed, _ = load_route_recipe(recipe)
+    assert parsed.models and parsed.data
+
+
 def _validate_ensemble_recipe(recipe: Path) -> None:
     from fusekit.ensemble import load_ensemble_recipe
 
@@ -86,6 +93,7 @@ VALIDATORS: dict[str, Callable[[Path], None]] = {
     "moe": _validate_moe_recipe,
     "": _validate_merge_recipe,
     "parity": _validate_merge_recipe,
+    "route": _validate_route_recipe,
 }
 
 

@@ -20,6 +20,7 @@ from fusekit.cli import ensemble as _ensemble_commands  # noqa: F401
 from fusekit.cli import hub as _hub_commands  # noqa: F401
 from fusekit.cli import merge as _merge_commands  # noqa: F401
 from fusekit.cli import moe as _moe_commands  # noqa: F401
+from fusekit.cli import route as _route_commands  # noqa: F401
 from fusekit.cli import score as _score_commands  # noqa: F401
 from fusekit.cli.app import app
 from fusekit.cli.options import parse_size

@@ -1,0 +1,125 @@
+"""``fusekit route build|eval|run``: learn which model answers each query, measure it, use it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fusekit.cli.app import app
+from fusekit.cli.options import Device, Format, OverwriteOpt
+
+route_app = typer.Typer(name="route", no_args_is_help=True, add_completion=False,
+                        pretty_exceptions_enable=False,
+                        help="Route each query to the model that should answer it.")
+app.add_typer(route_app, name="route")
+
+RouterArg = Annotated[Path, typer.Argument(help="Router folder written by fusekit route build.",
+                                           show_default=False)]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where models run.")]
+FormatOpt = Annotated[Format, typer.Option("--format", help="text or json.")]
+
+
+@route_app.command("build", epilog="Example: fusekit route build configs/route/tfidf-knn.yaml ./router")
+def build(
+    recipe: Annotated[Path, typer.Argument(help="YAML router recipe.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(help="Router folder to write (atomically).",
+                                            show_default=False)],
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = Device.cpu,
+    output_format: FormatOpt = Format.text,
+) -> None:
+    """Label the recipe's data, fit features and router, calibrate the threshold, save OUT_DIR."""
+    from fusekit.route import build_router
+
+    result = build_router(recipe, out_dir, overwrite=overwrite, device=device.value)
+    router = result.router
+    training = router.info.get("training", {})
+    summary = {"out_dir": str(out_dir), "models": router.names, "features": router.featurizer.kind,
+               "router": router.fitted.kind, "threshold": router.threshold, "seconds": result.seconds,
+               **{k: training[k] for k in ("examples", "label_counts", "folds", "heldout_accuracy",
+                                            "heldout_bits_per_byte", "heldout_oracle_bits_per_byte")
+                  if k in training},
+               "heldout_dear_share": router.info.get("calibration", {}).get("heldout_dear_share")}
+    if output_format is Format.json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    accuracy = training.get("heldout_accuracy")
+    typer.echo(f"built {router.fitted.kind} router over {router.featurizer.kind} features for "
+               f"{', '.join(router.names)} into {out_dir} in {result.seconds:.1f} s: "
+               f"{training.get('examples')} training examples, threshold {router.threshold:.4f}"
+               + (f", cross-validated accuracy {accuracy:.1%}" if accuracy is not None else ""))
+
+
+@route_app.command("eval", epilog="Example: fusekit route eval ./router --data "
+                                  "demo-out/experts/data/test.jsonl")
+def evaluate(
+    router_dir: RouterArg,
+    data: Annotated[Path, typer.Option("--data", help="JSONL examples to measure on.",
+                                       show_default=False)],
+    threshold: Annotated[list[float] | None, typer.Option("--threshold", help="A row of the "
+                         "cost-quality table; repeat for several (default 0, 0.1, ..., 1).",
+                                                          show_default=False)] = None,
+    share: Annotated[list[float] | None, typer.Option("--share", help="A dear-call share to calibrate "
+                     "and check; repeat for several (default 0.25, 0.5, 0.75).",
+                                                      show_default=False)] = None,
+    merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Compare with a uniform linear "
+                                        "merge of the models that share tokenizer and "
+                                        "architecture.")] = True,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 8,
+    device: DeviceOpt = Device.cpu,
+    output_format: FormatOpt = Format.text,
+) -> None:
+    """Routed bits per byte against every single model, the oracle and a uniform merge; the
+    cost-quality table across thresholds; calibration on this data."""
+    from fusekit.errors import FusekitError
+    from fusekit.route import evaluate_router
+
+    for value in [*(threshold or []), *(share or [])]:
+        if not 0 <= value <= 1:
+            raise FusekitError(f"--threshold/--share {value}: must be between 0 and 1")
+    report = evaluate_router(router_dir, data, device=device.value, thresholds=threshold, shares=share,
+                             with_merge=merge, batch_size=batch_size)
+    if output_format is Format.json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        typer.echo(report.format_text())
+
+
+@route_app.command("run", epilog="Example: fusekit route run ./router --prompt \"def main():\" --generate")
+def run(
+    router_dir: RouterArg,
+    prompt: Annotated[str, typer.Option("--prompt", help="The query to route.", show_default=False)],
+    generate: Annotated[bool, typer.Option("--generate", help="Also let the chosen model answer "
+                                           "(greedy).")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Length of the answer.")] = 64,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Override the router's "
+                                                    "threshold (0: dearest, 1: cheapest).",
+                                                    show_default=False)] = None,
+    device: DeviceOpt = Device.cpu,
+    output_format: FormatOpt = Format.text,
+) -> None:
+    """Print the model the router picks for --prompt (and, with --generate, its answer)."""
+    from fusekit.errors import FusekitError
+    from fusekit.route import run_router
+
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise FusekitError(f"--threshold {threshold}: must be between 0 and 1")
+    if not prompt.strip():
+        raise FusekitError("--prompt is empty; give the query to route")
+    result = run_router(router_dir, prompt, generate=generate, max_new_tokens=max_new_tokens,
+                        threshold=threshold, device=device.value)
+    decision = result.decision
+    if output_format is Format.json:
+        typer.echo(json.dumps({"model": decision.model.name, "ref": decision.model.ref,
+                               "cost": decision.model.cost, "threshold": decision.threshold,
+                               "probabilities": decision.probabilities,
+                               "routing_ms": result.seconds_routing * 1000, "answer": result.answer},
+                              indent=2))
+        return
+    probs = ", ".join(f"{k} {v:.3f}" for k, v in decision.probabilities.items())
+    typer.echo(f"{decision.model.name}\t{decision.model.ref}\t(p: {probs})")
+    if result.answer is not None:
+        typer.echo(result.answer)

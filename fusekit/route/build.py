@@ -1,0 +1,143 @@
+"""``fusekit.route.build_router``: label the data, fit features and router, calibrate, save."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fusekit.io.refs import resolve_model
+from fusekit.io.writer import atomic_output, check_output_folder
+from fusekit.recipe.load import read_recipe_text
+from fusekit.route.data import Example, load_examples
+from fusekit.route.features import make_featurizer
+from fusekit.route.labels import (
+    LabelError,
+    Scores,
+    given_labels,
+    loss_labels,
+    pairwise_labels,
+    require_two_classes,
+    score_matrix,
+)
+from fusekit.route.policy import DEFAULT_THRESHOLD, calibrate, cheap_group, choose, cost_order
+from fusekit.route.recipe import RouteRecipe, load_route_recipe
+from fusekit.route.router import RoutedModel, Router, save_router
+from fusekit.route.routers import RouterSpec, fit_router
+
+log = logging.getLogger("fusekit")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The saved router and what building it measured."""
+
+    out_dir: Path
+    router: Router
+    seconds: float
+
+
+def fold_indices(n: int, folds: int, seed: int) -> list[list[int]]:
+    """Deterministic split of ``range(n)`` into ``folds`` nearly equal parts."""
+    if folds > n:
+        raise LabelError(f"folds: {folds} is more than the {n} examples; lower 'folds' or add data")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [sorted(perm[i::folds]) for i in range(folds)]
+
+
+def out_of_fold(spec: RouterSpec, x: torch.Tensor, y: torch.Tensor, n_models: int, folds: int,
+                seed: int) -> torch.Tensor:
+    """``(n, n_models)`` probabilities for each example from a router trained without its fold."""
+    q = torch.zeros(x.shape[0], n_models)
+    for index, held in enumerate(fold_indices(x.shape[0], folds, seed)):
+        keep = torch.ones(x.shape[0], dtype=torch.bool)
+        keep[held] = False
+        fitted = fit_router(spec, x[keep], y[keep], n_models, seed=seed + index)
+        q[held] = fitted.probabilities(x[held])
+    return q
+
+
+def make_labels(recipe: RouteRecipe, examples: list[Example], order: list[int], *, device: str,
+                data: str) -> tuple[torch.Tensor, Scores | None]:
+    """``(n,)`` best-model indices for ``examples``, and the scores behind them (None for given)."""
+    names = recipe.names
+    if len(names) == 1:
+        return torch.zeros(len(examples), dtype=torch.long), None
+    if recipe.labels.method == "given":
+        return given_labels(examples, names, data), None
+    scores = score_matrix([m.model for m in recipe.models], examples, device=device,
+                          batch_size=recipe.labels.batch_size, context=recipe.labels.context)
+    if recipe.labels.method == "pairwise":
+        return pairwise_labels(scores, recipe.labels.margin), scores
+    return loss_labels(scores, order), scores
+
+
+def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+                 device: str = "cpu") -> BuildResult:
+    """Build the router a recipe describes and save it in ``out_dir`` (written atomically).
+
+    Args:
+        recipe: path of a YAML router recipe.
+        out_dir: the router folder to write.
+        overwrite: replace an existing non-empty ``out_dir``.
+        device: where models run for labels and features (``cpu``, ``cuda``, ``auto``).
+
+    Example:
+        >>> build_router("configs/route/tfidf-knn.yaml", "./router")  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, overwrite=overwrite)
+    recipe_path = Path(recipe)
+    parsed, _ = load_route_recipe(recipe_path)
+    names = parsed.names
+    resolved = [resolve_model(m.model) for m in parsed.models]  # fail early on a missing model
+    examples = load_examples(parsed.data, models=names)
+    featurizer = make_featurizer(parsed.features, device=device)
+    costs = [m.cost for m in parsed.models]
+    provisional = cost_order(costs, [0.0] * len(costs))
+    labels, scores = make_labels(parsed, examples, provisional, device=device, data=parsed.data)
+    require_two_classes(labels, names, parsed.labels.method)
+    counts = torch.bincount(labels, minlength=len(names)).double()
+    strength = (counts / counts.sum()).tolist()
+    order = cost_order(costs, strength)
+    if scores is not None and parsed.labels.method == "loss":  # ties go to the cheaper model
+        labels = loss_labels(scores, order)
+    queries = [e.query for e in examples]
+    log.info("fitting %s features on %d queries", featurizer.kind, len(queries))
+    featurizer.fit(queries)
+    x = featurizer.transform(queries)
+    fitted = fit_router(parsed.router, x, labels, len(names), seed=parsed.seed)
+    models = [RoutedModel(name, m.model, str(r.folder.resolve()), m.cost, s)
+              for name, m, r, s in zip(names, parsed.models, resolved, strength, strict=True)]
+    router = Router(models, featurizer, fitted, order, cheap_group(costs), DEFAULT_THRESHOLD,
+                    torch.zeros(0))
+    if parsed.threshold is not None:
+        router.threshold = parsed.threshold
+    training: dict[str, object] = {
+        "examples": len(examples), "labels": parsed.labels.method, "data": parsed.data,
+        "label_counts": {name: int(c) for name, c in zip(names, counts.tolist(), strict=True)},
+        "folds": parsed.folds,
+    }
+    calibration: dict[str, object] = {"share": None}
+    if parsed.folds >= 2 and len(names) > 1:
+        q = out_of_fold(parsed.router, x, labels, len(names), parsed.folds, parsed.seed)
+        router.calibration_tail = router.dear_tail(q)
+        if parsed.calibrate is not None:
+            router.threshold = calibrate(router.calibration_tail, parsed.calibrate.share)
+            calibration["share"] = parsed.calibrate.share
+        chosen = choose(q, order, router.threshold)
+        training["heldout_accuracy"] = float((chosen == labels).double().mean())
+        calibration["heldout_dear_share"] = float(
+            torch.isin(chosen, torch.tensor(router.dear_indices(), dtype=torch.long)).double().mean())
+        if scores is not None:
+            training["heldout_bits_per_byte"] = scores.pooled(chosen)
+            training["heldout_oracle_bits_per_byte"] = scores.pooled(scores.bits_per_byte.argmin(1))
+    calibration["threshold"] = router.threshold
+    router.info = {"labels": parsed.labels.model_dump(), "training": training, "calibration": calibration}
+    with atomic_output(out_dir, overwrite=overwrite) as temp:
+        save_router(router, temp, name=out_dir.name, recipe_text=read_recipe_text(recipe_path))
+    return BuildResult(out_dir, router, time.perf_counter() - start)

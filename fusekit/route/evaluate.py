@@ -1,0 +1,260 @@
+"""``fusekit.route.evaluate_router``: a router's quality against every single model, the oracle and
+a uniform merge, its cost-quality trade-off across thresholds, and how well calibration holds.
+
+Quality is bits per byte pooled over the data (total bits / total bytes) with each example scored by
+the model the router picks; every model scores every example once, so each row of the cost-quality
+table costs no further model runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusekit.route.data import Example, load_examples
+from fusekit.route.labels import Scores, score_column, score_matrix
+from fusekit.route.policy import choose
+from fusekit.route.router import Router, load_router
+
+log = logging.getLogger("fusekit")
+
+DEFAULT_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_SHARES = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One threshold of the cost-quality table."""
+
+    threshold: float
+    shares: dict[str, float]  # model name → share of calls
+    dear_share: float  # share of calls to models dearer than the cheapest
+    mean_cost: float
+    bits_per_byte: float
+    accuracy: float  # agreement with the oracle's choice
+
+
+@dataclass(frozen=True)
+class CalibrationRow:
+    """A requested share of dear calls, the threshold the build's held-out queries give it, and the
+    share it gives on the evaluation data.
+
+    Both query sets are samples, so even a perfect calibration misses by about ``stderr``
+    (``sqrt(p (1 - p) (1 / n_calibration + 1 / n_evaluation))``: 3.3 points at p = 0.5 with 900 and
+    300 queries)."""
+
+    requested: float
+    threshold: float
+    achieved: float
+    stderr: float  # sampling standard error of ``achieved``: binomial, calibration and evaluation sets
+
+
+@dataclass
+class EvalReport:
+    """Everything ``fusekit route eval`` prints."""
+
+    router: str
+    data: str
+    examples: int
+    threshold: float
+    accuracy: float  # vs the oracle (the best model per example by bits per byte)
+    accuracy_given: float | None  # vs the data's 'label' fields, when every example has one
+    accuracy_domain: float | None  # vs the data's 'domain' fields, when each names a model
+    routed: float
+    oracle: float
+    single: dict[str, float]
+    merge: float | None
+    merge_models: list[str]
+    table: list[TableRow]
+    calibration: list[CalibrationRow]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best_single(self) -> tuple[str, float]:
+        name = min(self.single, key=self.single.__getitem__)
+        return name, self.single[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["best_single"] = dict(zip(("model", "bits_per_byte"), self.best_single, strict=True))
+        out["routed_vs_oracle"] = self.routed / self.oracle - 1
+        return out
+
+    def format_text(self) -> str:
+        best, best_bpb = self.best_single
+        pct = self.routed / self.oracle - 1
+        lines = [f"router {self.router} on {self.data}: {self.examples} examples, threshold "
+                 f"{self.threshold:.4f}",
+                 f"routing accuracy {self.accuracy:.1%} (vs the best model per example by bits per byte)"]
+        if self.accuracy_given is not None:
+            lines.append(f"routing accuracy {self.accuracy_given:.1%} (vs the data's labels)")
+        if self.accuracy_domain is not None:
+            lines.append(f"routing accuracy {self.accuracy_domain:.1%} (vs the data's domains)")
+        lines += ["", "bits per byte (lower is better):",
+                  f"  routed          {self.routed:.4f}  ({pct:+.2%} vs oracle)",
+                  f"  oracle          {self.oracle:.4f}  (each example scored by its best model)"]
+        for name, value in sorted(self.single.items(), key=lambda kv: kv[1]):
+            tag = "  (best single model)" if name == best else ""
+            lines.append(f"  {name:<15} {value:.4f}{tag}")
+        if self.merge is not None:
+            lines.append(f"  {'uniform merge':<15} {self.merge:.4f}  (linear merge of "
+                         f"{', '.join(self.merge_models)})")
+        verdict = f"routed is {'better' if self.routed < best_bpb else 'not better'} than the best " \
+                  f"single model ({best})"
+        if self.merge is not None:
+            verdict += f" and {'better' if self.routed < self.merge else 'not better'} than the uniform merge"
+        lines.append(verdict)
+        names = list(self.single)
+        lines += ["", "cost-quality table:",
+                  "threshold  " + "  ".join(f"{n[:10]:>10}" for n in names) +
+                  "  dear share  mean cost  bits/byte  accuracy"]
+        for row in self.table:
+            lines.append(f"{row.threshold:9.4f}  " + "  ".join(f"{row.shares[n]:10.1%}" for n in names) +
+                         f"  {row.dear_share:10.1%}  {row.mean_cost:9.3f}  {row.bits_per_byte:9.4f}"
+                         f"  {row.accuracy:8.1%}")
+        if self.calibration:
+            lines += ["", "calibration (threshold set on the build's held-out queries):",
+                      "requested dear share  threshold  achieved here     error  sampling s.e."]
+            for cal in self.calibration:
+                lines.append(f"{cal.requested:20.1%}  {cal.threshold:9.4f}  {cal.achieved:13.1%}  "
+                             f"{(cal.achieved - cal.requested) * 100:+5.1f} pt  {cal.stderr * 100:10.1f} pt")
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _digest(folder: Path, names: Sequence[str]) -> str:
+    for name in names:
+        if (folder / name).is_file():
+            return hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    return ""
+
+
+def mergeable_group(router: Router) -> list[int]:
+    """The largest set (≥ 2) of the router's models sharing tokenizer and architecture."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for index, model in enumerate(router.models):
+        folder = Path(model.folder)
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        shape = json.dumps({k: config.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                                                         "intermediate_size", "vocab_size",
+                                                         "num_attention_heads", "num_key_value_heads")},
+                           sort_keys=True)
+        key = (_digest(folder, ("tokenizer.json", "vocab.json", "tokenizer.model")), shape)
+        groups.setdefault(key, []).append(index)
+    best = max(groups.values(), key=len, default=[])
+    return best if len(best) >= 2 else []
+
+
+def uniform_merge_column(router: Router, group: Sequence[int], examples: Sequence[Example], *,
+                         device: str, batch_size: int,
+                         context: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``group`` with equal weights (``fusekit.merge``, linear) in a temporary folder and score it."""
+    import yaml
+
+    from fusekit.merging import merge
+
+    with tempfile.TemporaryDirectory(prefix="fusekit-route-merge-") as tmp:
+        recipe = {"merge_method": "linear", "dtype": "float32",
+                  "models": [{"model": router.models[i].folder, "parameters": {"weight": 1.0}}
+                             for i in group]}
+        path = Path(tmp) / "merge.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        merge(path, Path(tmp) / "merged", random_seed=0)
+        return score_column(str(Path(tmp) / "merged"), examples, device=device, batch_size=batch_size,
+                            context=context)
+
+
+def _table_row(router: Router, q: torch.Tensor, scores: Scores, oracle: torch.Tensor,
+               threshold: float) -> TableRow:
+    chosen = choose(q, router.order, threshold)
+    counts = torch.bincount(chosen, minlength=len(router.models)).double() / len(chosen)
+    costs = torch.tensor([m.cost for m in router.models], dtype=torch.float64)
+    dear = torch.isin(chosen, torch.tensor(router.dear_indices(), dtype=torch.long))
+    return TableRow(threshold, dict(zip(router.names, counts.tolist(), strict=True)),
+                    float(dear.double().mean()), float(costs[chosen].mean()), scores.pooled(chosen),
+                    float((chosen == oracle).double().mean()))
+
+
+def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "cpu",
+                    thresholds: Sequence[float] | None = None, shares: Sequence[float] | None = None,
+                    with_merge: bool = True, batch_size: int = 8,
+                    context: int | None = None) -> EvalReport:
+    """Score every model of the router on ``data`` and measure the router against them.
+
+    Args:
+        router_dir: a folder written by ``fusekit route build``.
+        data: JSONL examples (``text``, or ``prompt`` + ``completion``; ``label`` and ``domain``
+            are used for extra accuracy figures when present).
+        device: where the models run.
+        thresholds: rows of the cost-quality table (default 0, 0.1, …, 1 and the router's own).
+        shares: dear-call shares to calibrate on the build's held-out queries and check here
+            (default 25%, 50%, 75% and the recipe's own).
+        with_merge: also merge the models that share tokenizer and architecture (uniform linear
+            merge) and score the merge.
+        batch_size: examples per forward pass when scoring.
+        context: longest scoring window in tokens (default: the model's, at most 1024).
+    """
+    router = load_router(router_dir, device=device)
+    examples = load_examples(data, models=router.names)
+    queries = [e.query for e in examples]
+    scores = score_matrix([m.reference() for m in router.models], examples, device=device,
+                          batch_size=batch_size, context=context)
+    bpb = scores.bits_per_byte
+    oracle = bpb.argmin(1)
+    q = router.probabilities(queries)
+    chosen = choose(q, router.order, router.threshold)
+    index = {name: i for i, name in enumerate(router.names)}
+    given = None
+    if all(e.label is not None for e in examples):
+        labels = torch.tensor([index[str(e.label)] for e in examples])
+        given = float((chosen == labels).double().mean())
+    domain = None
+    if all(e.extra.get("domain") in index for e in examples):
+        domains = torch.tensor([index[str(e.extra["domain"])] for e in examples])
+        domain = float((chosen == domains).double().mean())
+    notes: list[str] = []
+    merge_bpb, merge_names = None, []
+    if with_merge:
+        group = mergeable_group(router)
+        if group:
+            nll, n_bytes = uniform_merge_column(router, group, examples, device=device,
+                                                batch_size=batch_size, context=context)
+            merge_bpb = float(nll.sum() / n_bytes.sum())
+            merge_names = [router.models[i].name for i in group]
+        else:
+            notes.append("no two models share tokenizer and architecture, so there is no uniform merge "
+                         "to compare with")
+    rows = sorted(set(DEFAULT_THRESHOLDS if thresholds is None else thresholds) | {router.threshold})
+    table = [_table_row(router, q, scores, oracle, t) for t in rows]
+    calibration: list[CalibrationRow] = []
+    if router.dear_indices() and router.calibration_tail.numel():
+        wanted = list(DEFAULT_SHARES if shares is None else shares)
+        own = router.info.get("calibration", {}).get("share")
+        if own is not None and own not in wanted:
+            wanted.append(own)
+        tail = router.dear_tail(q)
+        n_cal = router.calibration_tail.numel()
+        for share in sorted(wanted):
+            t = router.threshold_for_share(share)
+            stderr = math.sqrt(share * (1 - share) * (1 / n_cal + 1 / len(examples)))
+            calibration.append(CalibrationRow(share, t, float((tail > t).double().mean()), stderr))
+    elif not router.dear_indices():
+        notes.append("every model has the same cost, so the dear-call share is always 0")
+    return EvalReport(
+        router=str(router_dir), data=str(data), examples=len(examples), threshold=router.threshold,
+        accuracy=float((chosen == oracle).double().mean()), accuracy_given=given, accuracy_domain=domain,
+        routed=scores.pooled(chosen), oracle=scores.pooled(oracle),
+        single={name: scores.pooled(torch.full_like(oracle, i)) for i, name in enumerate(router.names)},
+        merge=merge_bpb, merge_models=merge_names, table=table, calibration=calibration, notes=notes)

@@ -1,0 +1,123 @@
+"""``fusekit route build|eval|run`` end to end, and every bad input exiting 2 with one line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fusekit.cli import main
+from fusekit.demo import build_demo_models
+
+TEXTS = {"python": ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
+                    "class Box:\n    def __init__(self):\n        self.items = []\n",
+                    "for i in range(10):\n    total += i\n"],
+         "c": ["int add(int a, int b) { return a + b; }\n", "#include <stdio.h>\nstatic int n;\n",
+               "for (int i = 0; i < 10; i++) { total += i; }\n", "typedef struct { int x; } point;\n"],
+         "prose": ["The river ran quietly past the old mill.\n", "She wrote a letter to her brother.\n",
+                   "Permission is hereby granted to any person reading this.\n",
+                   "It rained all afternoon, and the garden smelled of earth.\n"]}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_demo_models(tmp_path_factory.mktemp("route-cli"), names=("prose", "c", "python"),
+                             hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: Any) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+def data_file(path: Path, label: Callable[[str], str | None] = lambda d: d) -> Path:
+    rows = [{"text": t, "domain": d, **({"label": label(d)} if label(d) else {})}
+            for d, texts in TEXTS.items() for t in texts]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def recipe(path: Path, models: dict[str, Path], data: Path, extra: str = "labels: given\n") -> Path:
+    path.write_text(f"models:\n  - model: {models['prose']}\n    cost: 1\n  - model: {models['c']}\n"
+                    f"    cost: 2\n  - model: {models['python']}\n    cost: 3\ndata: {data}\nfolds: 4\n"
+                    f"{extra}",
+                    encoding="utf-8")
+    return path
+
+
+def test_build_eval_run(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = data_file(tmp_path / "d.jsonl")
+    spec = recipe(tmp_path / "r.yaml", models, data, "labels: given\ncalibrate: 0.5\nrouter: logistic\n")
+    code, out, err = cli(capsys, "route", "build", spec, tmp_path / "router", "--format", "json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["models"] == ["prose", "c", "python"] and summary["examples"] == 12
+    assert summary["heldout_dear_share"] == pytest.approx(0.5)
+    code, out, err = cli(capsys, "route", "build", spec, tmp_path / "router")
+    assert code == 2 and "already exists" in err
+    code, out, err = cli(capsys, "route", "eval", tmp_path / "router", "--data", data, "--format", "json",
+                         "--threshold", "0", "--threshold", "1", "--no-merge")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["examples"] == 12 and report["merge"] is None
+    assert [row["threshold"] for row in report["table"]][0] == 0.0
+    assert report["accuracy_given"] is not None and report["accuracy_domain"] == report["accuracy_given"]
+    code, out, err = cli(capsys, "route", "run", tmp_path / "router", "--prompt", "def f(x):\n    return x",
+                         "--format", "json", "--threshold", "0")
+    assert code == 0, err
+    assert json.loads(out)["model"] == "python"  # threshold 0: the dearest model
+    code, out, _ = cli(capsys, "route", "run", tmp_path / "router", "--prompt", "int x;", "--generate",
+                       "--max-new-tokens", "2")
+    assert code == 0 and out.split("\t")[0] in ("prose", "c", "python")
+
+
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fusekit: error: "), err
+    for needle in needles:
+        assert needle in lines[0], err
+
+
+def test_bad_data_files(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n", encoding="utf-8")
+    _one_line_error(*cli(capsys, "route", "build", recipe(tmp_path / "a.yaml", models, empty),
+                         tmp_path / "o")[::2], "holds no examples")
+    bad = data_file(tmp_path / "bad.jsonl")
+    bad.write_text(bad.read_text(encoding="utf-8") + '{"text": oops}\n', encoding="utf-8")
+    _one_line_error(*cli(capsys, "route", "build", recipe(tmp_path / "b.yaml", models, bad),
+                         tmp_path / "o")[::2], "bad.jsonl:13: not valid JSON")
+    unknown = data_file(tmp_path / "unknown.jsonl", lambda d: "gpt-9" if d == "c" else d)
+    _one_line_error(*cli(capsys, "route", "build", recipe(tmp_path / "c.yaml", models, unknown),
+                         tmp_path / "o")[::2], "label 'gpt-9' is not one of the router's models")
+    single = data_file(tmp_path / "single.jsonl", lambda d: "c")
+    _one_line_error(*cli(capsys, "route", "build", recipe(tmp_path / "d.yaml", models, single),
+                         tmp_path / "o")[::2], "all 12 training labels", "no choice for a router to learn")
+    _one_line_error(*cli(capsys, "route", "eval", tmp_path / "nowhere", "--data", bad)[::2],
+                    "not a fusekit router")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_recipes(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = data_file(tmp_path / "d.jsonl")
+    spec = tmp_path / "neg.yaml"
+    spec.write_text(f"models:\n  - model: {models['c']}\n    cost: -2\ndata: {data}\n", encoding="utf-8")
+    _one_line_error(*cli(capsys, "route", "build", spec, tmp_path / "o")[::2], "neg.yaml:3:5 models[0].cost")
+    spec = recipe(tmp_path / "feat.yaml", models, data,
+                  "labels: given\nfeatures: {type: hidden, model: ./gone}\n")
+    _one_line_error(*cli(capsys, "route", "build", spec, tmp_path / "o")[::2], "features.model", "gone")
+    spec = recipe(tmp_path / "emb.yaml", models, data,
+                  "labels: given\nfeatures: {type: embedding, model: ./gone}\n")
+    _one_line_error(*cli(capsys, "route", "build", spec, tmp_path / "o")[::2], "features.model", "gone")
+    _one_line_error(*cli(capsys, "route", "run", models["c"], "--prompt", "x")[::2], "not a fusekit router")
+
+
+def test_route_help_through_the_console_script(run_cli: Callable[..., Any]) -> None:
+    proc = run_cli("route", "--help")
+    assert proc.returncode == 0 and all(c in proc.stdout for c in ("build", "eval", "run"))
