@@ -166,11 +166,12 @@ class ShardWriter:
             self._complete(number)
 
     def _complete(self, number: int) -> None:
-        """A shard's bytes are all written: flush it, finish its digest, report it."""
+        """A shard's bytes are all written: finish its digest and report it. No fsync: a resume
+        re-hashes every journaled shard, so one lost in a power cut is recomputed, and flushing
+        each shard to disk cost a linear merge a sixth of its time."""
         name = self.file_names[number]
         path = self.folder / name
         try:
-            os.fsync(self._fds[number])
             digest = (self._hashers[number].hexdigest() if self._hashed_to[number] == self.sizes[name]
                       else file_sha256(path))
         except OSError as exc:
