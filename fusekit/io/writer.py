@@ -37,7 +37,7 @@ from fusekit.io.layout import (
 
 log = logging.getLogger("fusekit")
 PARTIAL_MARKER = ".fusekit-partial-"
-HASH_BLOCK = 16 * 2**20
+HASH_BLOCK = 2**20
 ShardDone = Callable[[str, str, int], None]  # (file name, sha256, size) once a shard is complete
 
 
@@ -223,9 +223,11 @@ def is_finite(tensor: torch.Tensor) -> bool:
 def file_sha256(path: Path) -> str:
     """The sha256 hex digest of a file, read in blocks."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(HASH_BLOCK):
-            digest.update(block)
+    buffer = bytearray(HASH_BLOCK)  # one buffer per call: input hashing runs beside a merge
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
     return digest.hexdigest()
 
 
