@@ -82,7 +82,40 @@ def test_router_data(experts: ExpertSet) -> None:
     for rows, count in ((train, QUICK.train_examples), (test, QUICK.test_examples)):
         assert all(set(r) == {"text", "domain"} and r["text"].strip() for r in rows)
         assert [sum(r["domain"] == d for r in rows) for d in DOMAINS] == [count] * len(DOMAINS)
+        assert len({r["text"] for r in rows}) == len(rows)  # no prompt twice
     assert not {r["text"] for r in test} & {r["text"] for r in train}  # held-out documents only
+
+
+def test_four_groups_are_disjoint() -> None:
+    """Training text, held-out text, router-train and router-test prompts come from distinct documents,
+    and no router prompt occurs in any expert's training text."""
+    from fusekit.lm.experts import _SOURCES, _examples, _split
+
+    corpora = {d: _split(_SOURCES[d](QUICK.doc_bytes), QUICK, d) for d in DOMAINS}
+    groups = ("train", "heldout", "router", "pool")
+    for domain, corpus in corpora.items():
+        docs = {g: getattr(corpus, g) for g in groups}
+        assert all(docs[g] for g in groups), domain
+        owners: dict[str, str] = {}
+        for group in groups:
+            for doc in docs[group]:
+                assert owners.setdefault(doc, group) == group, (domain, group, owners[doc])
+        assert sum(map(len, docs["train"])) >= QUICK.train_bytes
+        assert sum(map(len, docs["router"])) >= QUICK.router_bytes
+    # _examples drops a piece that occurs in the text it must not overlap, and only such a piece
+    assert not _examples(["a line that is long enough\n" * 4], 3, 20, unseen="a line that is long enough\n")
+    assert _examples(["a line that is long enough\n" * 4], 3, 20, unseen="other text\n")
+
+
+def test_router_prompts_never_trained_on(experts: ExpertSet) -> None:
+    """No prompt of data/train.jsonl or data/test.jsonl occurs in the text the experts trained on
+    (rebuilt from the same sources)."""
+    from fusekit.lm.experts import _SOURCES, _split
+
+    trained = "\n".join(doc for d in DOMAINS for doc in _split(_SOURCES[d](QUICK.doc_bytes), QUICK, d).train)
+    prompts = [r["text"] for name in ("train", "test") for r in _lines(experts.data[name])]
+    assert len(prompts) == len(DOMAINS) * (QUICK.train_examples + QUICK.test_examples)
+    assert not [p for p in prompts if p in trained]
 
 
 def test_same_seed_same_bytes_other_seed_other_weights(experts: ExpertSet, tmp_path: Path) -> None:

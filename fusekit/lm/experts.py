@@ -7,13 +7,17 @@ Three domains, each read from files present wherever Python 3 runs:
 - ``prose``: English text: ``/usr/share/common-licenses``, README and copyright files under
   ``/usr/share/doc``, Python's ``LICENSE.txt`` and the standard library's long docstrings.
 
-Documents are listed in sorted order and split by document into train and held-out sets, so no
-held-out text is trained on. Two byte-level BPE tokenizers are trained with the ``tokenizers``
-library: ``A`` (2048 tokens, all three domains) and ``B`` (1536 tokens, prose only). A ``base``
-model learns all three domains with ``A``; the experts ``python``, ``c`` and ``prose`` are
-fine-tuned from it, mostly (85%) on their own domain, so they share one configuration and can be
-merged with ``fusekit merge`` (``base`` as ``base_model``). ``prose-b`` uses ``B`` and trains from
-scratch for as many steps in all, so ensembles with it must align vocabularies.
+Documents are listed in sorted order and split by document into four disjoint groups: the experts'
+training text, ``heldout/<domain>.txt``, a pool for the router training prompts
+(``data/train.jsonl``) and a pool for the router test prompts (``data/test.jsonl``). No held-out
+text and no router prompt (train or test) is trained on, so a router learns which expert
+generalises best on a prompt, not which one memorised it. Two byte-level BPE tokenizers are trained
+with the ``tokenizers`` library: ``A`` (2048 tokens, all three domains) and ``B`` (1536 tokens,
+prose only). A ``base`` model learns all three domains with ``A``; the experts ``python``, ``c``
+and ``prose`` are fine-tuned from it, mostly (85%) on their own domain, so they share one
+configuration and can be merged with ``fusekit merge`` (``base`` as ``base_model``). ``prose-b``
+uses ``B`` and trains from scratch for as many steps in all, so ensembles with it must align
+vocabularies.
 
 Output layout (``build_demo_experts(out)``)::
 
@@ -60,6 +64,7 @@ class BuildSizes:
     Attributes:
         train_bytes / heldout_bytes: text per domain for training / for ``heldout/<domain>.txt``.
         pool_bytes: held-out text per domain from which ``data/test.jsonl`` is drawn.
+        router_bytes: held-out text per domain from which ``data/train.jsonl`` is drawn.
         doc_bytes: longest piece taken from one file.
         vocab_a / vocab_b: tokenizer sizes.
         hidden / layers / heads / intermediate / context: the Llama configuration.
@@ -87,16 +92,17 @@ class BuildSizes:
     lr: float
     train_examples: int
     test_examples: int
+    router_bytes: int = 250_000
 
 
-FULL = BuildSizes(train_bytes=600_000, heldout_bytes=24_000, pool_bytes=60_000, doc_bytes=16_000,
+FULL = BuildSizes(train_bytes=600_000, heldout_bytes=24_000, pool_bytes=100_000, doc_bytes=16_000,
                   vocab_a=2048, vocab_b=1536, hidden=96, layers=3, heads=4, intermediate=256,
                   context=256, base_steps=200, steps=250, batch=16, seq=128, lr=3e-3,
-                  train_examples=300, test_examples=100)
+                  train_examples=500, test_examples=200, router_bytes=250_000)
 QUICK = BuildSizes(train_bytes=40_000, heldout_bytes=3_000, pool_bytes=6_000, doc_bytes=4_000,
                    vocab_a=320, vocab_b=300, hidden=32, layers=2, heads=4, intermediate=64,
                    context=64, base_steps=2, steps=4, batch=4, seq=32, lr=3e-3, train_examples=20,
-                   test_examples=10)
+                   test_examples=10, router_bytes=8_000)
 
 
 @dataclass(frozen=True)
@@ -218,37 +224,63 @@ _SOURCES: dict[str, Callable[[int], Iterator[str]]] = {
 
 @dataclass
 class _Corpus:
-    train: list[str]
-    pool: list[str]  # held-out documents
+    """One domain's documents in four disjoint groups (no document is in two of them)."""
+
+    train: list[str]  # the experts' training text
+    heldout: list[str]  # heldout/<domain>.txt
+    router: list[str]  # data/train.jsonl prompts
+    pool: list[str]  # data/test.jsonl prompts
 
     @property
     def heldout_text(self) -> str:
-        return "".join(self.pool)
+        return "".join(self.heldout)
+
+
+# Which group the i-th distinct document goes to (i % 8) while that group still needs text:
+# half of the documents train, a quarter feed the router's training prompts, an eighth each the
+# held-out text and the router's test prompts. A document whose group is full trains (or, once
+# the training text is full too, goes to the first group that still needs text). A held-out
+# document keeps only a piece from its middle, 1/128 of the group's size (at least 600 characters),
+# so held-out text and prompts sample many files rather than a few long ones (and not just their
+# licence headers); the rest of it is not used anywhere.
+_GROUP_OF_SLOT = ("pool", "train", "router", "train", "heldout", "train", "router", "train")
+
+
+def _middle(text: str, limit: int) -> str:
+    """About ``limit`` characters of whole lines from the middle of ``text`` (all of a shorter one)."""
+    if len(text) <= limit:
+        return text
+    start = text.rfind("\n", 0, (len(text) - limit) // 2) + 1
+    cut = text.rfind("\n", start, start + limit)
+    return text[start:cut + 1 if cut > start else start + limit]
 
 
 def _split(documents: Iterable[str], sizes: BuildSizes, domain: str) -> _Corpus:
-    """Every 8th distinct document goes to the held-out pool until it is full; the rest trains."""
+    """Split distinct documents into the four groups of :class:`_Corpus`, by document, in order."""
+    quota = {"train": sizes.train_bytes, "heldout": sizes.heldout_bytes, "router": sizes.router_bytes,
+             "pool": sizes.pool_bytes}
+    filled = dict.fromkeys(quota, 0)
+    corpus = _Corpus([], [], [], [])
     seen: set[str] = set()
-    corpus = _Corpus([], [])
-    train_bytes = pool_bytes = 0
     for doc in documents:
         if len(doc.strip()) < 200:
             continue
         digest = hashlib.sha256(doc.encode()).hexdigest()
         if digest in seen:
             continue
+        group = _GROUP_OF_SLOT[len(seen) % len(_GROUP_OF_SLOT)]
         seen.add(digest)
-        if len(seen) % 8 == 4 and pool_bytes < sizes.pool_bytes:
-            corpus.pool.append(doc)
-            pool_bytes += len(doc)
-        elif train_bytes < sizes.train_bytes:
-            corpus.train.append(doc)
-            train_bytes += len(doc)
-        if train_bytes >= sizes.train_bytes and pool_bytes >= sizes.pool_bytes:
-            break
-    need = min(sizes.pool_bytes, sizes.heldout_bytes)
-    if train_bytes < sizes.train_bytes // 4 or pool_bytes < need:
-        raise FusekitError(f"demo experts: found only {train_bytes + pool_bytes} bytes of {domain} text "
+        if filled[group] >= quota[group]:
+            group = next((g for g in ("train", "heldout", "pool", "router") if filled[g] < quota[g]), "")
+            if not group:
+                break
+        if group != "train":
+            doc = _middle(doc, max(quota[group] // 128, 600))
+        getattr(corpus, group).append(doc)
+        filled[group] += len(doc)
+    short = [g for g in quota if filled[g] < quota[g] // (4 if g == "train" else 2)]
+    if short:
+        raise FusekitError(f"demo experts: found only {sum(filled.values())} bytes of {domain} text "
                            "on this machine; the demo needs the Python standard library and /usr/include "
                            "or Python's C headers")
     return corpus
@@ -267,10 +299,13 @@ def _chunks(text: str, size: int) -> list[str]:
     return pieces
 
 
-def _examples(documents: Sequence[str], count: int, size: int, exclude: Iterable[str] = ()) -> list[str]:
-    """``count`` pieces spread evenly over the documents' chunks, none equal to one in ``exclude``."""
+def _examples(documents: Sequence[str], count: int, size: int, exclude: Iterable[str] = (),
+              unseen: str = "") -> list[str]:
+    """``count`` distinct pieces spread evenly over the documents' chunks, none equal to one in
+    ``exclude`` nor occurring in ``unseen`` (licence boilerplate repeats across files)."""
     excluded = set(exclude)
-    pieces = [p for doc in documents for p in _chunks(doc, size) if p not in excluded]
+    pieces = list(dict.fromkeys(p for doc in documents for p in _chunks(doc, size)
+                                if p not in excluded and p not in unseen))
     if len(pieces) <= count:
         return pieces
     step = len(pieces) / count
@@ -485,8 +520,9 @@ def build_demo_experts(out: Path, *, quick: bool = False, seed: int = 0, overwri
     sizes = sizes or (QUICK if quick else FULL)
     started = time.perf_counter()
     corpora = {d: _split(_SOURCES[d](sizes.doc_bytes), sizes, d) for d in DOMAINS}
-    say("corpora: " + ", ".join(f"{d} {sum(map(len, c.train)):,} train / {len(c.heldout_text):,} "
-                                 f"held-out chars" for d, c in corpora.items()))
+    say("corpora (chars of training / held-out / router-train / router-test documents): " + ", ".join(
+        f"{d} {sum(map(len, c.train)):,} / {len(c.heldout_text):,} / {sum(map(len, c.router)):,} / "
+        f"{sum(map(len, c.pool)):,}" for d, c in corpora.items()))
     with atomic_output(Path(out), overwrite=overwrite) as temp:
         heldout_dir, data_dir = temp / "heldout", temp / "data"
         heldout_dir.mkdir()
@@ -497,12 +533,16 @@ def build_demo_experts(out: Path, *, quick: bool = False, seed: int = 0, overwri
         for name, text in heldout.items():
             (heldout_dir / f"{name}.txt").write_text(text, encoding="utf-8")
         example_size = 300 if not quick else 150
-        train_rows = {d: _examples(corpora[d].train, sizes.train_examples, example_size) for d in DOMAINS}
-        seen = [t for rows in train_rows.values() for t in rows]  # boilerplate repeats across files
+        # router prompts come from documents no expert trained on, and none occurs in the training text
+        trained = "\n".join(doc for c in corpora.values() for doc in c.train)
+        train_rows = {d: _examples(corpora[d].router, sizes.train_examples, example_size, unseen=trained)
+                      for d in DOMAINS}
+        seen = [t for rows in train_rows.values() for t in rows]
         _write_jsonl(data_dir / "train.jsonl", ({"text": t, "domain": d} for d in DOMAINS
                                                 for t in train_rows[d]))
         _write_jsonl(data_dir / "test.jsonl", ({"text": t, "domain": d} for d in DOMAINS
-                     for t in _examples(corpora[d].pool, sizes.test_examples, example_size, seen)))
+                     for t in _examples(corpora[d].pool, sizes.test_examples, example_size, seen,
+                                        unseen=trained)))
 
         all_train = [doc for d in DOMAINS for doc in corpora[d].train]
         tokenizers = {"A": _train_tokenizer(all_train, sizes.vocab_a),
