@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fusekit.device import resolve_device
 from fusekit.errors import LockMismatchError, NonFiniteError, OutputExistsError
 from fusekit.io.card import model_card
 from fusekit.io.journal import JOURNAL_FILE, Journal, OutputGuard, find_resumable, run_key
@@ -38,7 +39,7 @@ from fusekit.io.writer import (
     write_text,
 )
 from fusekit.ops import get_method
-from fusekit.plan import ExecutionStats, Executor, Plan, build_plan, resolve_device
+from fusekit.plan import ExecutionStats, Executor, Plan, build_plan
 from fusekit.plan.executor import peak_rss_bytes
 from fusekit.recipe import MergeRecipe, load_merge_recipe
 from fusekit.recipe.load import read_recipe_text

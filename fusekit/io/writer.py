@@ -56,8 +56,8 @@ class ShardWriter:
     """Streams planned tensors into safetensors shards under ``folder``.
 
     Every shard is hashed (sha256) as its bytes are written, in order, so the digests of the output
-    cost no second read. Once all of a shard's bytes are written it is flushed to disk and
-    ``on_shard_done`` is told its name, digest and size (the resume journal records them).
+    cost no second read. Once all of a shard's bytes are written ``on_shard_done`` is told its
+    name, digest and size (the resume journal records them).
 
     Args:
         folder: where the shards go (the temporary output folder).

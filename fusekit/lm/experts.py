@@ -344,9 +344,9 @@ def _train_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path, context: int) -> None:
-    from fusekit.lm.load import _transformers
+    from fusekit.lm.load import import_transformers
 
-    fast = _transformers().PreTrainedTokenizerFast(
+    fast = import_transformers().PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token=SPECIAL_TOKENS[0], bos_token=SPECIAL_TOKENS[1],
         eos_token=SPECIAL_TOKENS[2], pad_token=SPECIAL_TOKENS[3], model_max_length=context,
         clean_up_tokenization_spaces=False)
@@ -367,9 +367,9 @@ def _token_stream(tokenizer: Any, documents: Sequence[str]) -> torch.Tensor:
 
 
 def _llama_config(sizes: BuildSizes, vocab_size: int) -> Any:
-    from fusekit.lm.load import _transformers
+    from fusekit.lm.load import import_transformers
 
-    return _transformers().LlamaConfig(
+    return import_transformers().LlamaConfig(
         vocab_size=vocab_size, hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
         num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads,
         num_key_value_heads=sizes.heads, max_position_embeddings=sizes.context, rms_norm_eps=1e-6,
@@ -428,11 +428,11 @@ def _train(job: _Job) -> tuple[float, float]:
     Returns:
         (mean loss of the last tenth of the steps, seconds taken).
     """
-    from fusekit.lm.load import _transformers
+    from fusekit.lm.load import import_transformers
 
     started = time.perf_counter()
     torch.set_num_threads(1)
-    transformers = _transformers()
+    transformers = import_transformers()
     sizes = job.sizes
     if job.init is None:
         torch.manual_seed(_seed(job.seed, job.name, "init"))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fusekit.device import resolve_device
 from fusekit.errors import CheckpointError, FusekitError
 from fusekit.io.refs import ResolvedModel, resolve_model
 
@@ -45,19 +46,8 @@ class LoadedLM:
         return self.resolved.folder
 
 
-def resolve_device(device: str) -> torch.device:
-    """``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` (CUDA when available) → a torch device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FusekitError(f"--device {device}: no CUDA device is available here; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise FusekitError(f"--device '{device}': use cpu, cuda or auto") from None
-
-
-def _transformers() -> Any:
+def import_transformers() -> Any:
+    """transformers, quiet (no progress bars); a one-line error when the lm extra is missing."""
     try:
         import transformers
     except ImportError:
@@ -86,7 +76,7 @@ def load_lm(ref: str | Path, *, device: str = "cpu", dtype: str | None = "float3
     resolved = resolve_model(str(ref), allow_pickle=allow_pickle)
     if not resolved.config_path.is_file():
         raise CheckpointError(f"model '{ref}': {resolved.folder} has no config.json, so it cannot be run")
-    transformers = _transformers()
+    transformers = import_transformers()
     target = resolve_device(device)
     torch_dtype = _DTYPES[dtype] if dtype else "auto"
     try:
@@ -108,7 +98,7 @@ def load_tokenizer(ref: str | Path, folder: Path) -> PreTrainedTokenizerBase:
                                                       "tokenizer.model", "vocab.json")):
         raise CheckpointError(f"model '{ref}': {folder} has no tokenizer files; copy the tokenizer "
                               "of the model it was trained from into that folder")
-    transformers = _transformers()
+    transformers = import_transformers()
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:

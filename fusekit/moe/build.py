@@ -326,7 +326,7 @@ def run_moe(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
     Example:
         >>> run_moe("configs/moe/mixtral.yaml", "./moe")  # doctest: +SKIP
     """
-    from fusekit.lm.load import resolve_device
+    from fusekit.device import resolve_device
     from fusekit.merging import pick_seed
 
     resolve_device(device)  # a bad --device fails before any work

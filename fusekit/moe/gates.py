@@ -82,7 +82,8 @@ def _mean(vectors: list[torch.Tensor]) -> torch.Tensor:
 
 def _hidden_features(base_ref: str, device: str, token_ids: Callable[[str, str], list[int]]
                      ) -> Callable[[str, str], torch.Tensor]:
-    from fusekit.lm.load import load_lm, resolve_device
+    from fusekit.device import resolve_device
+    from fusekit.lm.load import load_lm
 
     target = resolve_device(device)
     lm = load_lm(base_ref, device=str(target), dtype="float32" if target.type == "cpu" else None,

@@ -304,8 +304,9 @@ class Embedding(_Standardised):
 
     def _load(self) -> tuple[Any, Any, torch.device]:
         if self._loaded is None:
+            from fusekit.device import resolve_device
             from fusekit.io.refs import resolve_model
-            from fusekit.lm.load import _transformers, load_tokenizer, resolve_device
+            from fusekit.lm.load import import_transformers, load_tokenizer
 
             try:
                 resolved = resolve_model(self.model)
@@ -314,7 +315,7 @@ class Embedding(_Standardised):
                 tokenizer = load_tokenizer(self.model, resolved.folder)
             except FusekitError as exc:
                 raise FeatureError(f"features.model: {exc}") from None
-            transformers = _transformers()
+            transformers = import_transformers()
             device = resolve_device(self.device)
             try:
                 encoder = transformers.AutoModel.from_pretrained(resolved.folder, local_files_only=True,
