@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from fusekit.ops.registry import MergeInputs, Params, TensorContext, register, whole_tensor
-from fusekit.ops.rows import exact_total, row_sums
+from fusekit.ops.rows import PairSums
 
 _NORM_FLOOR = 1e-6
 _SINGULAR = 1e-6
@@ -75,17 +75,15 @@ class ModelStockPasses:
         self.count = len(context.model_params)
         self.passes = 0 if self.filter_wise else 1
         self.pairs = [(i, j) for i in range(self.count) for j in range(i, self.count)]
-        self._sums: dict[tuple[int, int], list[float]] = {pair: [] for pair in self.pairs}
+        self._sums = PairSums(self.pairs)
         self._ratio: float | None = None
 
     def observe(self, stage: int, block: MergeInputs) -> None:
         assert block.base is not None
-        offsets = [tensor - block.base for tensor in block.tensors]
-        for i, j in self.pairs:
-            self._sums[i, j].extend(row_sums(offsets[i] * offsets[j]))
+        self._sums.add([tensor - block.base for tensor in block.tensors])
 
     def end_pass(self, stage: int) -> None:
-        total = {pair: exact_total(parts) for pair, parts in self._sums.items()}
+        total = self._sums.totals()
         cosines = []
         for i, j in self.pairs:
             if i != j:

@@ -9,6 +9,7 @@ split between blocks, so a row's sum is the same in any block), and the rows' su
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -24,3 +25,19 @@ def row_sums(values: torch.Tensor) -> list[float]:
 def exact_total(parts: list[float]) -> float:
     """The correctly rounded sum of ``parts``, whatever their order of arrival in blocks."""
     return math.fsum(parts)
+
+
+class PairSums:
+    """``Σ x_i · x_j`` over a tensor seen in row blocks, for the index pairs asked: the squared
+    norms and dot products that angle-based kernels (slerp, nuslerp, model_stock) need."""
+
+    def __init__(self, pairs: Sequence[tuple[int, int]]) -> None:
+        self._parts: dict[tuple[int, int], list[float]] = {pair: [] for pair in pairs}
+
+    def add(self, vectors: Sequence[torch.Tensor]) -> None:
+        """Add the next block of each vector (all blocks of the same rows)."""
+        for (i, j), parts in self._parts.items():
+            parts.extend(row_sums(vectors[i] * vectors[j]))
+
+    def totals(self) -> dict[tuple[int, int], float]:
+        return {pair: exact_total(parts) for pair, parts in self._parts.items()}

@@ -31,8 +31,9 @@ from pydantic import BaseModel, Field
 
 from fusekit.errors import RecipeError
 from fusekit.ops.registry import MergeInputs, NoParams, Params, TensorContext, register, whole_tensor
-from fusekit.ops.rows import exact_total, row_sums
+from fusekit.ops.rows import PairSums
 
+_ANGLE_PAIRS = ((0, 0), (1, 1), (0, 1))  # ‖a‖², ‖b‖², <a, b>, in that order
 SLERP_DOT_THRESHOLD = 0.9995  # |cos Ω| above this → linear interpolation
 SLERP_EPS = 1e-8  # norms at or below this count as 1
 NUSLERP_EPS = 1e-8  # colinear when 1 − cos²Ω ≤ eps²
@@ -62,17 +63,15 @@ class SlerpPasses:
     def __init__(self, context: TensorContext) -> None:
         self.t = float(context.params.t)  # type: ignore[attr-defined]
         self.work = torch.float64 if context.dtype == torch.float64 else torch.float32
-        self._sums: tuple[list[float], list[float], list[float]] = ([], [], [])
+        self._sums = PairSums(_ANGLE_PAIRS)
         self._coefs = (1 - self.t, self.t)
 
     def observe(self, stage: int, block: MergeInputs) -> None:
         assert block.base is not None
-        a, b = block.base.to(self.work), block.tensors[0].to(self.work)
-        for sums, values in zip(self._sums, (a * a, b * b, a * b), strict=True):
-            sums.extend(row_sums(values))
+        self._sums.add((block.base.to(self.work), block.tensors[0].to(self.work)))
 
     def end_pass(self, stage: int) -> None:
-        squares_a, squares_b, dot = (exact_total(sums) for sums in self._sums)
+        squares_a, squares_b, dot = self._sums.totals().values()
         norm_a, norm_b = math.sqrt(squares_a), math.sqrt(squares_b)
         norm_a, norm_b = (norm if norm > SLERP_EPS else 1.0 for norm in (norm_a, norm_b))
         cos = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
@@ -173,7 +172,7 @@ class NuslerpPasses:
         self.flatten = bool(context.params.nuslerp_flatten)  # type: ignore[attr-defined]
         self.row_wise = bool(context.params.nuslerp_row_wise)  # type: ignore[attr-defined]
         self.passes: int | None = 1 if self.flatten else None if self.row_wise else 0
-        self._sums: tuple[list[float], list[float], list[float]] = ([], [], [])
+        self._sums = PairSums(_ANGLE_PAIRS)
         self._coefs = (1 - self.t, self.t)
 
     @staticmethod
@@ -184,12 +183,10 @@ class NuslerpPasses:
         return first - block.base, second - block.base
 
     def observe(self, stage: int, block: MergeInputs) -> None:
-        v0, v1 = self._vectors(block)
-        for sums, values in zip(self._sums, (v0 * v0, v1 * v1, v0 * v1), strict=True):
-            sums.extend(row_sums(values))
+        self._sums.add(self._vectors(block))
 
     def end_pass(self, stage: int) -> None:
-        squares_0, squares_1, dot = (exact_total(sums) for sums in self._sums)
+        squares_0, squares_1, dot = self._sums.totals().values()
         norm_0 = max(math.sqrt(squares_0), NUSLERP_NORM_FLOOR)
         norm_1 = max(math.sqrt(squares_1), NUSLERP_NORM_FLOOR)
         cos = min(1.0, max(-1.0, dot / (norm_0 * norm_1)))
