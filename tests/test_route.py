@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from fusekit.demo import build_demo_models
 from fusekit.errors import FusekitError, RecipeError
 from fusekit.route import build_router, evaluate_router, load_examples, load_router, run_router
-from fusekit.route.data import RouteDataError
+from fusekit.route.build import fold_groups, fold_indices
+from fusekit.route.data import Example, RouteDataError
 from fusekit.route.features import Embedding, FeatureError, Hidden, Tfidf, _mean_pool, _NgramTrie
 from fusekit.route.labels import LabelError, Scores, loss_labels, score_matrix
 from fusekit.route.policy import calibrate, choose, choose_one, cost_order, dear_share_tail, tails
@@ -78,7 +79,10 @@ def test_recipe_defaults_and_shorthands() -> None:
     assert recipe.names == ["x", "y"]
     assert recipe.labels.method == "loss" and recipe.features.type == "tfidf"
     assert recipe.router.type == "mf" and recipe.calibrate is not None and recipe.calibrate.share == 0.3
-    assert recipe.folds == 5 and recipe.models[0].cost == 1.0
+    assert recipe.folds == 5 and recipe.fold_block == 25 and recipe.models[0].cost == 1.0
+    recipe, _ = parse_route_recipe("models:\n  - model: a\n  - model: b\n    cost: 2\ndata: d\nfolds: 0\n"
+                                   "calibrate: {share: 0.2, data: q.jsonl}\n")
+    assert recipe.calibrate is not None and recipe.calibrate.data == "q.jsonl"
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -89,6 +93,9 @@ def test_recipe_defaults_and_shorthands() -> None:
      "pairwise labels compare exactly two models"),
     ("models:\n  - model: a\n  - model: b\ndata: d\ncalibrate: 0.5\n", "every model has the same cost"),
     ("models:\n  - model: x/a\n  - model: y/a\ndata: d\n", "two models are called 'a'"),
+    ("models:\n  - model: a\n  - model: b\n    cost: 2\ndata: d\nfolds: 0\ncalibrate: 0.5\n",
+     "or queries to calibrate on as calibrate.data"),
+    ("models:\n  - model: a\ndata: d\nfold_block: 0\n", "fold_block"),
     ("models:\n  - model: a\ndata: d\nfeatures: {type: hidden}\n", "required key 'model' is missing"),
 ])
 def test_recipe_errors_are_one_line(text: str, message: str) -> None:
@@ -387,6 +394,41 @@ def test_tails_and_dear_share_tail_agree_with_choose() -> None:
     for t in (0.1, 0.4, 0.8):
         dear = torch.isin(choose(q, order, t), torch.tensor([1, 3]))
         assert torch.equal(dear, value > t)
+
+
+def _rows(n: int, groups: list[str] | None = None) -> list[Example]:
+    return [Example(f"q{i}", None, None, i + 1, {} if groups is None else {"group": groups[i]})
+            for i in range(n)]
+
+
+@given(st.integers(4, 300), st.integers(2, 6), st.integers(1, 40), st.integers(0, 9))
+@settings(max_examples=60, deadline=None)
+def test_folds_partition_the_data_and_keep_runs_of_lines_together(n: int, folds: int, block: int,
+                                                                  seed: int) -> None:
+    if n < folds:
+        with pytest.raises(LabelError, match="lower 'folds'"):
+            fold_indices(fold_groups(_rows(n), block, folds), folds, seed)
+        return
+    groups = fold_groups(_rows(n), block, folds)
+    parts = fold_indices(groups, folds, seed)
+    assert sorted(i for part in parts for i in part) == list(range(n))
+    assert all(part for part in parts)
+    run = max(1, min(block, n // (2 * folds)))  # the data is cut in runs of this many lines
+    fold_of = {i: f for f, part in enumerate(parts) for i in part}
+    assert all(fold_of[i] == fold_of[i - i % run] for i in range(n))
+    assert parts == fold_indices(groups, folds, seed)
+
+
+def test_folds_keep_each_data_group_in_one_fold() -> None:
+    rng = random.Random(3)
+    labels = [rng.choice("abcdefgh") for _ in range(200)]  # interleaved, unlike runs of lines
+    parts = fold_indices(fold_groups(_rows(200, labels), 25, 4), 4, 0)
+    for part in parts:
+        inside = {labels[i] for i in part}
+        outside = {labels[i] for other in parts if other is not part for i in other}
+        assert not inside & outside
+    with pytest.raises(LabelError, match="more than the 2 groups"):
+        fold_indices(fold_groups(_rows(10, ["x", "y"] * 5), 25, 3), 3, 0)
 
 
 def test_loss_labels_break_ties_towards_the_cheaper_model() -> None:

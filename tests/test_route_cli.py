@@ -121,3 +121,62 @@ def test_bad_recipes(models: dict[str, Path], tmp_path: Path, capsys: pytest.Cap
 def test_route_help_through_the_console_script(run_cli: Callable[..., Any]) -> None:
     proc = run_cli("route", "--help")
     assert proc.returncode == 0 and all(c in proc.stdout for c in ("build", "eval", "run"))
+
+
+def _dear_share(router_dir: Path, queries: list[str]) -> tuple[float, int]:
+    """Share of ``queries`` the saved router sends to c or python (the dearer models), recomputed
+    from the router's probabilities with plain Python floats."""
+    from fusekit.route import load_router
+
+    router = load_router(router_dir)
+    q = router.probabilities(queries).double()
+    dear = 0
+    for row in q.tolist():
+        total = sum(row)
+        mixed = [v / total * (1 - 3e-6) + 1e-6 for v in row]  # prose, c, python: cost order
+        dear += (mixed[1] + mixed[2]) > router.threshold
+    return dear / len(queries), len(queries)
+
+
+def test_calibrate_on_unlabelled_queries(models: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    data = data_file(tmp_path / "d.jsonl")
+    traffic = tmp_path / "traffic.jsonl"
+    queries = [f"x = {i}\nprint(x)\n" if i % 4 == 0 else f"The day {i} was calm.\n" if i % 4 == 1
+               else f"int v{i} = {i};\n" for i in range(40)]
+    traffic.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in queries), encoding="utf-8")
+    spec = recipe(tmp_path / "r.yaml", models, data,
+                  f"labels: given\nrouter: logistic\ncalibrate: {{share: 0.25, data: {traffic}}}\n")
+    code, _, err = cli(capsys, "route", "build", spec, tmp_path / "router")
+    assert code == 0, err
+    share, n = _dear_share(tmp_path / "router", queries)
+    assert share == pytest.approx(round(0.25 * n) / n)
+    info = json.loads((tmp_path / "router" / "router.json").read_text(encoding="utf-8"))
+    assert info["calibration"]["data"] == str(traffic) and info["calibration"]["queries"] == 40
+
+    code, out, err = cli(capsys, "route", "calibrate", tmp_path / "router", "--data", traffic, "--share",
+                         "0.6", "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["share"] == 0.6
+    share, n = _dear_share(tmp_path / "router", queries)
+    assert share == pytest.approx(round(0.6 * n) / n)
+    assert (tmp_path / "router" / "route.yaml").read_text(encoding="utf-8") == spec.read_text(encoding="utf-8")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".router")]  # no partial left
+
+    code, _, err = cli(capsys, "route", "calibrate", tmp_path / "router", "--data", traffic, "--share",
+                       "0.1", "--out", tmp_path / "router-10")
+    assert code == 0, err
+    assert _dear_share(tmp_path / "router-10", queries)[0] == pytest.approx(0.1)
+    assert _dear_share(tmp_path / "router", queries)[0] == pytest.approx(0.6)  # left as it was
+    _one_line_error(*cli(capsys, "route", "calibrate", tmp_path / "router", "--data", traffic, "--share",
+                         "0.1", "--out", tmp_path / "router-10")[::2], "already exists")
+    _one_line_error(*cli(capsys, "route", "calibrate", tmp_path / "router", "--data", traffic, "--share",
+                         "1.5")[::2], "--share 1.5")
+    _one_line_error(*cli(capsys, "route", "calibrate", tmp_path / "router", "--data", tmp_path / "no.jsonl",
+                         "--share", "0.5")[::2], "no.jsonl", "not found")
+    _one_line_error(*cli(capsys, "route", "calibrate", models["c"], "--data", traffic, "--share",
+                         "0.5")[::2], "not a fusekit router")
+    spec = recipe(tmp_path / "r2.yaml", models, data,
+                  f"labels: given\ncalibrate: {{share: 0.5, data: {tmp_path / 'gone.jsonl'}}}\n")
+    _one_line_error(*cli(capsys, "route", "build", spec, tmp_path / "o")[::2], "gone.jsonl", "not found")
+    assert not (tmp_path / "o").exists()

@@ -1,4 +1,4 @@
-"""``fusekit route build|eval|run``: learn which model answers each query, measure it, use it."""
+"""``fusekit route build|eval|calibrate|run``: learn which model answers each query, measure it, use it."""
 
 from __future__ import annotations
 
@@ -86,6 +86,36 @@ def evaluate(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         typer.echo(report.format_text())
+
+
+@route_app.command("calibrate", epilog="Example: fusekit route calibrate ./router --data "
+                                       "traffic.jsonl --share 0.3")
+def calibrate(
+    router_dir: RouterArg,
+    data: Annotated[Path, typer.Option("--data", help="JSONL queries like the expected traffic "
+                                       "(text or prompt; no labels needed).", show_default=False)],
+    share: Annotated[float, typer.Option("--share", help="Share of calls that should go to models "
+                                         "dearer than the cheapest.", show_default=False)],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write the calibrated router here "
+                                                 "instead of replacing ROUTER.", show_default=False)] = None,
+    overwrite: OverwriteOpt = False,
+    output_format: FormatOpt = Format.text,
+) -> None:
+    """Set the threshold so that --share of the queries in --data go to dearer models (no model runs)."""
+    from fusekit.errors import FusekitError
+    from fusekit.route.calibration import recalibrate_router
+
+    if not 0 <= share <= 1:
+        raise FusekitError(f"--share {share}: must be between 0 and 1")
+    router = recalibrate_router(router_dir, data, share, out_dir, overwrite=overwrite)
+    calibration = router.info["calibration"]
+    target = out_dir if out_dir is not None else router_dir
+    if output_format is Format.json:
+        typer.echo(json.dumps({"router": str(target), **calibration}, indent=2))
+        return
+    dearer = ", ".join(router.names[i] for i in router.dear_indices())
+    typer.echo(f"calibrated {target}: threshold {router.threshold:.4f} sends {share:.1%} of the "
+               f"{calibration['queries']} queries in {data} to {dearer}")
 
 
 @route_app.command("run", epilog="Example: fusekit route run ./router --prompt \"def main():\" --generate")

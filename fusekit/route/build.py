@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch
 from fusekit.io.refs import resolve_model
 from fusekit.io.writer import atomic_output, check_output_folder
 from fusekit.recipe.load import read_recipe_text
+from fusekit.route.calibration import calibrate_on_queries, read_queries
 from fusekit.route.data import Example, load_examples
 from fusekit.route.features import make_featurizer
 from fusekit.route.labels import (
@@ -40,23 +43,48 @@ class BuildResult:
     seconds: float
 
 
-def fold_indices(n: int, folds: int, seed: int) -> list[list[int]]:
-    """Deterministic split of ``range(n)`` into ``folds`` nearly equal parts."""
-    if folds > n:
-        raise LabelError(f"folds: {folds} is more than the {n} examples; lower 'folds' or add data")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [sorted(perm[i::folds]) for i in range(folds)]
+def fold_groups(examples: Sequence[Example], block: int, folds: int) -> list[int]:
+    """The group of each example: cross-validation keeps a group in one fold.
+
+    A ``group`` field on every line (a source document, a conversation, a user) is used as it is.
+    Otherwise runs of ``block`` consecutive lines form a group (shorter runs when the data is too
+    small to give every fold two runs): data files usually list pieces of one source next to each
+    other, and a router scored on near-copies of its training queries looks better, and more sure of
+    itself, than it will on new data, which skews the calibrated threshold.
+    """
+    if examples and all("group" in e.extra for e in examples):
+        ids: dict[str, int] = {}
+        return [ids.setdefault(json.dumps(e.extra["group"], sort_keys=True), len(ids)) for e in examples]
+    block = max(1, min(block, len(examples) // (2 * folds)))
+    return [i // block for i in range(len(examples))]
 
 
-def out_of_fold(spec: RouterSpec, x: torch.Tensor, y: torch.Tensor, n_models: int, folds: int,
-                seed: int) -> torch.Tensor:
-    """``(n, n_models)`` probabilities for each example from a router trained without its fold."""
+def fold_indices(groups: Sequence[int], folds: int, seed: int) -> list[list[int]]:
+    """Deterministic split of the examples into ``folds`` parts, whole groups at a time (groups
+    dealt in a seeded random order, each to the fold with the fewest examples so far)."""
+    n_groups = max(groups, default=-1) + 1
+    if folds > n_groups:
+        raise LabelError(f"folds: {folds} is more than the {n_groups} groups of examples that "
+                         "cross-validation keeps together (equal 'group' fields, or runs of lines); "
+                         "lower 'folds', or add data")
+    members: list[list[int]] = [[] for _ in range(n_groups)]
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    parts: list[list[int]] = [[] for _ in range(folds)]
+    for group in torch.randperm(n_groups, generator=torch.Generator().manual_seed(seed)).tolist():
+        min(parts, key=len).extend(members[group])
+    return [sorted(part) for part in parts]
+
+
+def out_of_fold(spec: RouterSpec, x: torch.Tensor, y: torch.Tensor, n_models: int,
+                parts: Sequence[Sequence[int]], seed: int) -> torch.Tensor:
+    """``(n, n_models)`` probabilities for each example from a router trained without its part."""
     q = torch.zeros(x.shape[0], n_models)
-    for index, held in enumerate(fold_indices(x.shape[0], folds, seed)):
+    for index, held in enumerate(parts):
         keep = torch.ones(x.shape[0], dtype=torch.bool)
-        keep[held] = False
+        keep[list(held)] = False
         fitted = fit_router(spec, x[keep], y[keep], n_models, seed=seed + index)
-        q[held] = fitted.probabilities(x[held])
+        q[list(held)] = fitted.probabilities(x[list(held)])
     return q
 
 
@@ -73,6 +101,34 @@ def make_labels(recipe: RouteRecipe, examples: list[Example], order: list[int], 
     if recipe.labels.method == "pairwise":
         return pairwise_labels(scores, recipe.labels.margin), scores
     return loss_labels(scores, order), scores
+
+
+def _calibrate(parsed: RouteRecipe, router: Router, examples: list[Example], x: torch.Tensor,
+               labels: torch.Tensor, scores: Scores | None, queries: list[str] | None,
+               training: dict[str, object]) -> dict[str, object]:
+    """Set the threshold (on ``queries`` when the recipe names calibration data, else on
+    cross-validated predictions), add held-out measures to ``training``; the calibration summary."""
+    calibration: dict[str, object] = {"share": None}
+    if queries is not None and parsed.calibrate is not None:
+        calibrate_on_queries(router, queries, parsed.calibrate.share, str(parsed.calibrate.data))
+        calibration = router.info["calibration"]
+    if parsed.folds < 2 or len(router.models) < 2:
+        return calibration
+    parts = fold_indices(fold_groups(examples, parsed.fold_block, parsed.folds), parsed.folds, parsed.seed)
+    q = out_of_fold(parsed.router, x, labels, len(router.models), parts, parsed.seed)
+    if queries is None:
+        router.calibration_tail = router.dear_tail(q)
+        if parsed.calibrate is not None:
+            router.threshold = calibrate(router.calibration_tail, parsed.calibrate.share)
+            calibration["share"] = parsed.calibrate.share
+    chosen = choose(q, router.order, router.threshold)
+    training["heldout_accuracy"] = float((chosen == labels).double().mean())
+    calibration["heldout_dear_share"] = float(
+        torch.isin(chosen, torch.tensor(router.dear_indices(), dtype=torch.long)).double().mean())
+    if scores is not None:
+        training["heldout_bits_per_byte"] = scores.pooled(chosen)
+        training["heldout_oracle_bits_per_byte"] = scores.pooled(scores.bits_per_byte.argmin(1))
+    return calibration
 
 
 def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
@@ -96,6 +152,8 @@ def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = F
     names = parsed.names
     resolved = [resolve_model(m.model) for m in parsed.models]  # fail early on a missing model
     examples = load_examples(parsed.data, models=names)
+    calibration_data = parsed.calibrate.data if parsed.calibrate is not None else None
+    calibration_queries = read_queries(calibration_data) if calibration_data is not None else None
     featurizer = make_featurizer(parsed.features, device=device)
     costs = [m.cost for m in parsed.models]
     provisional = cost_order(costs, [0.0] * len(costs))
@@ -120,22 +178,9 @@ def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = F
     training: dict[str, object] = {
         "examples": len(examples), "labels": parsed.labels.method, "data": parsed.data,
         "label_counts": {name: int(c) for name, c in zip(names, counts.tolist(), strict=True)},
-        "folds": parsed.folds,
+        "folds": parsed.folds, "fold_block": parsed.fold_block,
     }
-    calibration: dict[str, object] = {"share": None}
-    if parsed.folds >= 2 and len(names) > 1:
-        q = out_of_fold(parsed.router, x, labels, len(names), parsed.folds, parsed.seed)
-        router.calibration_tail = router.dear_tail(q)
-        if parsed.calibrate is not None:
-            router.threshold = calibrate(router.calibration_tail, parsed.calibrate.share)
-            calibration["share"] = parsed.calibrate.share
-        chosen = choose(q, order, router.threshold)
-        training["heldout_accuracy"] = float((chosen == labels).double().mean())
-        calibration["heldout_dear_share"] = float(
-            torch.isin(chosen, torch.tensor(router.dear_indices(), dtype=torch.long)).double().mean())
-        if scores is not None:
-            training["heldout_bits_per_byte"] = scores.pooled(chosen)
-            training["heldout_oracle_bits_per_byte"] = scores.pooled(scores.bits_per_byte.argmin(1))
+    calibration = _calibrate(parsed, router, examples, x, labels, scores, calibration_queries, training)
     calibration["threshold"] = router.threshold
     router.info = {"labels": parsed.labels.model_dump(), "training": training, "calibration": calibration}
     with atomic_output(out_dir, overwrite=overwrite) as temp:

@@ -54,12 +54,15 @@ def _string(row: dict[str, Any], key: str, where: str) -> str | None:
     return value
 
 
-def load_examples(path: Path | str, *, models: Sequence[str] | None = None) -> list[Example]:
+def load_examples(path: Path | str, *, models: Sequence[str] | None = None,
+                  queries_only: bool = False) -> list[Example]:
     """Read a JSONL data file; one-line errors name the file and line.
 
     Args:
         path: the JSONL file.
         models: when given, every ``label`` must be one of these names.
+        queries_only: the file only gives queries (to calibrate on): a ``prompt`` needs no
+            ``completion``.
 
     Raises:
         RouteDataError: no such file, an empty file, a line that is not a JSON object with
@@ -94,8 +97,9 @@ def load_examples(path: Path | str, *, models: Sequence[str] | None = None) -> l
         completion, label = _string(row, "completion", where), _string(row, "label", where)
         if text is not None and (prompt is not None or completion is not None):
             raise RouteDataError(f"{where}: give either 'text' or 'prompt' + 'completion', not both")
-        if text is None and (prompt is None or completion is None):
-            raise RouteDataError(f"{where}: needs 'text', or both 'prompt' and 'completion'")
+        if text is None and (prompt is None or (completion is None and not queries_only)):
+            raise RouteDataError(f"{where}: needs 'text', or both 'prompt' and 'completion'"
+                                 if not queries_only else f"{where}: needs 'text' or 'prompt'")
         query = text if text is not None else prompt
         assert query is not None
         if not query.strip() or (completion is not None and not completion.strip()):

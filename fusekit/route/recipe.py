@@ -164,9 +164,12 @@ Router = Annotated[KnnRouter | LogisticRouter | MlpRouter | MfRouter, Field(disc
 
 
 class Calibrate(_Strict):
-    """``calibrate:`` — the share of calls that should go to models dearer than the cheapest."""
+    """``calibrate:`` — the share of calls that should go to models dearer than the cheapest, set on
+    ``data`` (a JSONL file of queries like the expected traffic; no labels needed) when given, else on
+    the cross-validated predictions of the training data."""
 
     share: float = Field(ge=0.0, le=1.0)
+    data: str | None = None
 
 
 class RouteRecipe(_Strict):
@@ -180,6 +183,7 @@ class RouteRecipe(_Strict):
     calibrate: Annotated[Calibrate | None, BeforeValidator(_share_shorthand)] = None
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     folds: int = Field(default=5, ge=0)
+    fold_block: int = Field(default=25, ge=1)
     seed: int = 0
 
     @field_validator("data")
@@ -195,8 +199,9 @@ class RouteRecipe(_Strict):
             raise ValueError("give either 'calibrate' (a target share) or 'threshold', not both")
         if self.folds == 1:
             raise ValueError("'folds' must be 0 (no held-out predictions) or at least 2")
-        if self.calibrate is not None and self.folds == 0:
-            raise ValueError("'calibrate' sets the threshold on held-out predictions; give 'folds' >= 2")
+        if self.calibrate is not None and self.calibrate.data is None and self.folds == 0:
+            raise ValueError("'calibrate' sets the threshold on held-out predictions; give 'folds' >= 2, "
+                             "or queries to calibrate on as calibrate.data")
         return self
 
     @property
