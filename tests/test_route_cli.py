@@ -160,7 +160,8 @@ def test_calibrate_on_unlabelled_queries(models: dict[str, Path], tmp_path: Path
     assert json.loads(out)["share"] == 0.6
     share, n = _dear_share(tmp_path / "router", queries)
     assert share == pytest.approx(round(0.6 * n) / n)
-    assert (tmp_path / "router" / "route.yaml").read_text(encoding="utf-8") == spec.read_text(encoding="utf-8")
+    kept = (tmp_path / "router" / "route.yaml").read_text(encoding="utf-8")
+    assert kept == spec.read_text(encoding="utf-8")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".router")]  # no partial left
 
     code, _, err = cli(capsys, "route", "calibrate", tmp_path / "router", "--data", traffic, "--share",

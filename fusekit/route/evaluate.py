@@ -45,8 +45,9 @@ class TableRow:
 
 @dataclass(frozen=True)
 class CalibrationRow:
-    """A requested share of dear calls, the threshold the build's held-out queries give it, and the
-    share it gives on the evaluation data.
+    """A requested share of dear calls, the threshold the router's calibration queries give it (the
+    build's cross-validated predictions, or ``calibrate.data``), and the share it gives on the
+    evaluation data.
 
     Both query sets are samples, so even a perfect calibration misses by about ``stderr``
     (``sqrt(p (1 - p) (1 / n_calibration + 1 / n_evaluation))``: 3.3 points at p = 0.5 with 900 and
@@ -76,6 +77,7 @@ class EvalReport:
     merge_models: list[str]
     table: list[TableRow]
     calibration: list[CalibrationRow]
+    calibration_source: str | None = None  # the queries file the router was calibrated on, if any
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -122,7 +124,8 @@ class EvalReport:
                          f"  {row.dear_share:10.1%}  {row.mean_cost:9.3f}  {row.bits_per_byte:9.4f}"
                          f"  {row.accuracy:8.1%}")
         if self.calibration:
-            lines += ["", "calibration (threshold set on the build's held-out queries):",
+            source = self.calibration_source or "the build's cross-validated predictions"
+            lines += ["", f"calibration (threshold set on {source}):",
                       "requested dear share  threshold  achieved here     error  sampling s.e."]
             for cal in self.calibration:
                 lines.append(f"{cal.requested:20.1%}  {cal.threshold:9.4f}  {cal.achieved:13.1%}  "
@@ -199,7 +202,7 @@ def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "
             are used for extra accuracy figures when present).
         device: where the models run.
         thresholds: rows of the cost-quality table (default 0, 0.1, …, 1 and the router's own).
-        shares: dear-call shares to calibrate on the build's held-out queries and check here
+        shares: dear-call shares to calibrate on the router's calibration queries and check here
             (default 25%, 50%, 75% and the recipe's own).
         with_merge: also merge the models that share tokenizer and architecture (uniform linear
             merge) and score the merge.
@@ -257,4 +260,5 @@ def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "
         accuracy=float((chosen == oracle).double().mean()), accuracy_given=given, accuracy_domain=domain,
         routed=scores.pooled(chosen), oracle=scores.pooled(oracle),
         single={name: scores.pooled(torch.full_like(oracle, i)) for i, name in enumerate(router.names)},
-        merge=merge_bpb, merge_models=merge_names, table=table, calibration=calibration, notes=notes)
+        merge=merge_bpb, merge_models=merge_names, table=table, calibration=calibration,
+        calibration_source=router.info.get("calibration", {}).get("data"), notes=notes)
