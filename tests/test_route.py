@@ -466,8 +466,27 @@ def test_build_save_load_run_roundtrip(models: dict[str, Path], tmp_path: Path) 
     decision = run_router(tmp_path / "router", queries[0], threshold=0.5).decision
     assert decision.model.name == "python"
     assert run_router(tmp_path / "router", queries[0], threshold=1.0).decision.model.name == "prose"
-    answer = run_router(tmp_path / "router", queries[1], generate=True, max_new_tokens=3).answer
-    assert isinstance(answer, str)
+    result_run = run_router(tmp_path / "router", queries[1], generate=True, max_new_tokens=3)
+    assert result_run.answer == _greedy_reference(Path(result_run.decision.model.folder), queries[1], 3)
+
+
+def _greedy_reference(folder: Path, prompt: str, steps: int) -> str:
+    """Greedy continuation by plain transformers calls: BOS + the prompt's tokens, the whole sequence
+    re-run for every new token (no cache), stopping after EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = bos + tokenizer.encode(prompt, add_special_tokens=False)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            new.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+    return str(tokenizer.decode(new, skip_special_tokens=True))
 
 
 def test_build_refuses_a_single_class(models: dict[str, Path], tmp_path: Path) -> None:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from fusekit.route.router import Decision, load_router
 
@@ -21,18 +18,13 @@ class RunResult:
 
 
 def generate_answer(ref: str, prompt: str, *, max_new_tokens: int = 64, device: str = "cpu") -> str:
-    """Greedy continuation of ``prompt`` by the model at ``ref`` (loaded with ``load_lm``), new text only."""
+    """Greedy continuation of ``prompt`` by the model at ``ref``, new text only: the same loader and
+    decoder as ``fusekit ensemble generate`` (prompt read as ``fusekit score`` reads text)."""
     from fusekit.lm import load_lm
+    from fusekit.lm.generate import generate
 
     lm = load_lm(ref, device=device)
-    assert lm.tokenizer is not None
-    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"].to(lm.device)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    with torch.inference_mode():
-        generate: Any = lm.model.generate
-        out = generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                       max_new_tokens=max_new_tokens, pad_token_id=pad)
-    return str(lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return generate(lm, [prompt], max_new_tokens=max_new_tokens)[0]
 
 
 def run_router(router_dir: str | Path, prompt: str, *, generate: bool = False, max_new_tokens: int = 64,
