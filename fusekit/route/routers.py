@@ -96,14 +96,24 @@ def _knn_index(router: FittedRouter) -> _KnnIndex:
     return cached
 
 
+def _sparse_times(x: Tensor, matrix: Tensor) -> Tensor:
+    """Sparse COO rows ``(n, dim)`` times a dense ``(dim, m)`` matrix, as per-row weighted sums of
+    the matrix's rows (``embedding_bag``): for a query's few hundred n-grams this takes about two
+    thirds of the time of ``torch.sparse.mm``."""
+    x = x.coalesce()
+    rows, columns = x.indices()
+    offsets = torch.searchsorted(rows, torch.arange(x.shape[0]))
+    return nn.functional.embedding_bag(columns, matrix, offsets, mode="sum", per_sample_weights=x.values())
+
+
 def _knn_predict(router: FittedRouter, x: Tensor) -> Tensor:
     index = _knn_index(router)
     k, temperature = int(router.settings["k"]), float(router.settings["temperature"])
     if x.is_sparse:  # unit-length sparse rows (Tfidf.sparse_rows): only the query's n-grams count
-        sims = torch.sparse.mm(x, index.columns)
+        sims = _sparse_times(x, index.columns)
     else:
         x = nn.functional.normalize(x, dim=1)
-        sims = torch.sparse.mm(x.to_sparse(), index.columns) if 4 * int(x.count_nonzero()) < x.numel() \
+        sims = _sparse_times(x.to_sparse(), index.columns) if 4 * int(x.count_nonzero()) < x.numel() \
             else x @ index.columns
     sims = (sims + index.bias).view(x.shape[0], router.n_models, index.width)
     if min(index.counts) >= k:
