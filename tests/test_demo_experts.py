@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import fusekit
 from fusekit.errors import OutputExistsError
 from fusekit.lm import load_lm, score_text
-from fusekit.lm.experts import DOMAINS, QUICK, ExpertSet, build_demo_experts, load_expert_set
+from fusekit.lm.experts import DOMAINS, QUICK, ExpertSet, _examples, build_demo_experts, load_expert_set
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,8 +79,11 @@ def test_heldout_texts(experts: ExpertSet) -> None:
 
 def test_router_data(experts: ExpertSet) -> None:
     train, test = _lines(experts.data["train"]), _lines(experts.data["test"])
-    for rows, count in ((train, QUICK.train_examples), (test, QUICK.test_examples)):
-        assert all(set(r) == {"text", "domain"} and r["text"].strip() for r in rows)
+    for split, rows, count in (("train", train, QUICK.train_examples), ("test", test, QUICK.test_examples)):
+        assert all(set(r) == {"text", "domain", "group"} and r["text"].strip() for r in rows)
+        # group: the source document, so cross-validation keeps a document's pieces in one fold
+        assert all(r["group"].rsplit("/", 1)[0] == f"{r['domain']}/{split}" for r in rows)
+        assert len({r["group"] for r in rows}) > len(DOMAINS)
         assert [sum(r["domain"] == d for r in rows) for d in DOMAINS] == [count] * len(DOMAINS)
         assert len({r["text"] for r in rows}) == len(rows)  # no prompt twice
     assert not {r["text"] for r in test} & {r["text"] for r in train}  # held-out documents only
@@ -187,3 +190,13 @@ def test_script_without_transformers_says_so(tmp_path: Path, monkeypatch: pytest
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "fusekit[lm]" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_router_prompts_name_the_first_document_they_come_from() -> None:
+    line = "x = 1  # the same line in two files\n"
+    documents = ["".join(f"doc{d} line {i}\n" for i in range(40)) + line * 3 for d in range(3)]
+    pieces = _examples(documents, 8, 40)
+    assert 0 < len(pieces) <= 8 and len({p for p, _ in pieces}) == len(pieces)
+    for piece, index in pieces:
+        assert piece in documents[index]
+        assert not any(piece in documents[other] for other in range(index))

@@ -24,7 +24,7 @@ Output layout (``build_demo_experts(out)``)::
     out/experts.json               names, tokenizers, domains, paths (relative to out/)
     out/{python,c,prose,prose-b,base}/  config.json, model.safetensors, tokenizer files
     out/heldout/{python,c,prose,mixed}.txt
-    out/data/{train,test}.jsonl    {"text": ..., "domain": ...} prompts for routers
+    out/data/{train,test}.jsonl    {"text": ..., "domain": ..., "group": ...} prompts for routers
 
 Everything is deterministic given the seed (and the files on the machine).
 """
@@ -123,7 +123,7 @@ class ExpertSet:
         root: the output folder.
         experts: by name: ``python``, ``c``, ``prose`` (tokenizer A), ``prose-b`` (tokenizer B).
         heldout: by domain (and ``mixed``): held-out text files.
-        data: ``train`` and ``test`` JSONL prompt files (``{"text", "domain"}`` per line).
+        data: ``train`` and ``test`` JSONL prompt files (``{"text", "domain", "group"}`` per line).
         base: the model the tokenizer-A experts were fine-tuned from (a merge's ``base_model``).
         info: the rest of ``experts.json`` (sizes, seed, final training losses).
     """
@@ -300,16 +300,37 @@ def _chunks(text: str, size: int) -> list[str]:
 
 
 def _examples(documents: Sequence[str], count: int, size: int, exclude: Iterable[str] = (),
-              unseen: str = "") -> list[str]:
+              unseen: str = "") -> list[tuple[str, int]]:
     """``count`` distinct pieces spread evenly over the documents' chunks, none equal to one in
-    ``exclude`` nor occurring in ``unseen`` (licence boilerplate repeats across files)."""
+    ``exclude`` nor occurring in ``unseen`` (licence boilerplate repeats across files), each with
+    the index of the document it was cut from."""
     excluded = set(exclude)
-    pieces = list(dict.fromkeys(p for doc in documents for p in _chunks(doc, size)
-                                if p not in excluded and p not in unseen))
+    first: dict[str, int] = {}  # piece -> the first document it occurs in
+    for index, doc in enumerate(documents):
+        for piece in _chunks(doc, size):
+            if piece not in excluded and piece not in unseen:
+                first.setdefault(piece, index)
+    pieces = list(first.items())
     if len(pieces) <= count:
         return pieces
     step = len(pieces) / count
     return [pieces[int(i * step)] for i in range(count)]
+
+
+def _write_router_data(data_dir: Path, corpora: dict[str, _Corpus], sizes: BuildSizes, quick: bool) -> None:
+    """``train.jsonl`` and ``test.jsonl``: router prompts from documents no expert trained on, none
+    occurring in the training text, with their domain and source document (``group``, which keeps a
+    document's pieces in one cross-validation fold)."""
+    example_size = 300 if not quick else 150
+    trained = "\n".join(doc for c in corpora.values() for doc in c.train)
+    splits = {"train": {d: _examples(corpora[d].router, sizes.train_examples, example_size, unseen=trained)
+                        for d in DOMAINS}}
+    seen = [text for rows in splits["train"].values() for text, _ in rows]
+    splits["test"] = {d: _examples(corpora[d].pool, sizes.test_examples, example_size, seen, unseen=trained)
+                      for d in DOMAINS}
+    for split, rows in splits.items():
+        _write_jsonl(data_dir / f"{split}.jsonl", ({"text": text, "domain": d, "group": f"{d}/{split}/{doc}"}
+                                                   for d in DOMAINS for text, doc in rows[d]))
 
 
 def _mixed(heldout: dict[str, str], size: int, block: int) -> str:
@@ -532,17 +553,7 @@ def build_demo_experts(out: Path, *, quick: bool = False, seed: int = 0, overwri
         heldout["mixed"] = _mixed(heldout, sizes.heldout_bytes // len(DOMAINS), 600)
         for name, text in heldout.items():
             (heldout_dir / f"{name}.txt").write_text(text, encoding="utf-8")
-        example_size = 300 if not quick else 150
-        # router prompts come from documents no expert trained on, and none occurs in the training text
-        trained = "\n".join(doc for c in corpora.values() for doc in c.train)
-        train_rows = {d: _examples(corpora[d].router, sizes.train_examples, example_size, unseen=trained)
-                      for d in DOMAINS}
-        seen = [t for rows in train_rows.values() for t in rows]
-        _write_jsonl(data_dir / "train.jsonl", ({"text": t, "domain": d} for d in DOMAINS
-                                                for t in train_rows[d]))
-        _write_jsonl(data_dir / "test.jsonl", ({"text": t, "domain": d} for d in DOMAINS
-                     for t in _examples(corpora[d].pool, sizes.test_examples, example_size, seen,
-                                        unseen=trained)))
+        _write_router_data(data_dir, corpora, sizes, quick)
 
         all_train = [doc for d in DOMAINS for doc in corpora[d].train]
         tokenizers = {"A": _train_tokenizer(all_train, sizes.vocab_a),
