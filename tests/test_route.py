@@ -553,6 +553,11 @@ def test_loss_labels_and_evaluation_against_independent_scores(models: dict[str,
     assert report.oracle == pytest.approx(float(scores.nll_bits.min(1).values.sum() / scores.n_bytes.sum()),
                                           rel=1e-4)
     assert report.oracle <= min(report.single.values()) + 1e-9 and report.oracle <= report.routed + 1e-9
+    chosen = load_router(tmp_path / "router").choose([e.query for e in examples])
+    per_example = scores.bits_per_byte
+    near = [per_example[i, int(c)] <= 1.01 * per_example[i].min() for i, c in enumerate(chosen)]
+    assert report.near_oracle == pytest.approx(sum(near) / len(near))
+    assert report.accuracy <= report.near_oracle
     assert report.merge is not None and report.merge_models == ["prose", "c", "python"]
     first, last = report.table[0], report.table[-1]
     assert first.shares["python"] == 1.0 and last.shares["prose"] == 1.0  # dearest / cheapest

@@ -29,6 +29,9 @@ log = logging.getLogger("fusekit")
 
 DEFAULT_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_SHARES = (0.25, 0.5, 0.75)
+NEAR = 0.01
+"""A routed choice within this fraction of the best model's bits per byte counts as near the oracle:
+where the best two models are that close, which one the loss oracle names is close to a coin flip."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class EvalReport:
     examples: int
     threshold: float
     accuracy: float  # vs the oracle (the best model per example by bits per byte)
+    near_oracle: float  # share of examples whose routed model is within NEAR of the oracle's bits per byte
     accuracy_given: float | None  # vs the data's 'label' fields, when every example has one
     accuracy_domain: float | None  # vs the data's 'domain' fields, when each names a model
     routed: float
@@ -96,7 +100,8 @@ class EvalReport:
         pct = self.routed / self.oracle - 1
         lines = [f"router {self.router} on {self.data}: {self.examples} examples, threshold "
                  f"{self.threshold:.4f}",
-                 f"routing accuracy {self.accuracy:.1%} (vs the best model per example by bits per byte)"]
+                 f"routing accuracy {self.accuracy:.1%} (vs the best model per example by bits per byte); "
+                 f"{self.near_oracle:.1%} within {NEAR:.0%} of the best model's bits per byte"]
         if self.accuracy_given is not None:
             lines.append(f"routing accuracy {self.accuracy_given:.1%} (vs the data's labels)")
         if self.accuracy_domain is not None:
@@ -179,6 +184,12 @@ def uniform_merge_column(router: Router, group: Sequence[int], examples: Sequenc
                             context=context)
 
 
+def near_oracle(bpb: torch.Tensor, chosen: torch.Tensor) -> float:
+    """Share of rows of ``bpb`` ``(n, n_models)`` where ``chosen`` is within :data:`NEAR` of the best."""
+    routed = bpb.gather(1, chosen[:, None]).squeeze(1)
+    return float((routed <= bpb.min(1).values * (1 + NEAR)).double().mean())
+
+
 def _table_row(router: Router, q: torch.Tensor, scores: Scores, oracle: torch.Tensor,
                threshold: float) -> TableRow:
     chosen = choose(q, router.order, threshold)
@@ -257,7 +268,8 @@ def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "
         notes.append("every model has the same cost, so the dear-call share is always 0")
     return EvalReport(
         router=str(router_dir), data=str(data), examples=len(examples), threshold=router.threshold,
-        accuracy=float((chosen == oracle).double().mean()), accuracy_given=given, accuracy_domain=domain,
+        accuracy=float((chosen == oracle).double().mean()), near_oracle=near_oracle(bpb, chosen),
+        accuracy_given=given, accuracy_domain=domain,
         routed=scores.pooled(chosen), oracle=scores.pooled(oracle),
         single={name: scores.pooled(torch.full_like(oracle, i)) for i, name in enumerate(router.names)},
         merge=merge_bpb, merge_models=merge_names, table=table, calibration=calibration,
