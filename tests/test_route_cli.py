@@ -181,3 +181,31 @@ def test_calibrate_on_unlabelled_queries(models: dict[str, Path], tmp_path: Path
                   f"labels: given\ncalibrate: {{share: 0.5, data: {tmp_path / 'gone.jsonl'}}}\n")
     _one_line_error(*cli(capsys, "route", "build", spec, tmp_path / "o")[::2], "gone.jsonl", "not found")
     assert not (tmp_path / "o").exists()
+
+
+def test_run_routes_a_file_like_one_prompt_at_a_time(models: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from fusekit.route import run_router
+
+    data = data_file(tmp_path / "d.jsonl")
+    spec = recipe(tmp_path / "r.yaml", models, data, "labels: given\n")
+    assert cli(capsys, "route", "build", spec, tmp_path / "router")[0] == 0
+    queries = tmp_path / "q.jsonl"
+    prompts = ["def area(r):\n    return 3.14 * r * r\n", "The garden was quiet.", "static int n = 3;"]
+    queries.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts) + "\n\n", encoding="utf-8")
+    code, out, err = cli(capsys, "route", "run", tmp_path / "router", "--data", queries, "--generate",
+                         "--max-new-tokens", "3", "--threshold", "0.3")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3]
+    for prompt, record in zip(prompts, records, strict=True):
+        alone = run_router(tmp_path / "router", prompt, generate=True, max_new_tokens=3, threshold=0.3)
+        assert record["model"] == alone.decision.model.name and record["answer"] == alone.answer
+        assert record["probabilities"] == pytest.approx(alone.decision.probabilities, abs=1e-6)
+    _one_line_error(*cli(capsys, "route", "run", tmp_path / "router")[::2], "--prompt TEXT or --data FILE")
+    _one_line_error(*cli(capsys, "route", "run", tmp_path / "router", "--prompt", "x", "--data",
+                         queries)[::2], "either --prompt")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"completion": "x"}\n', encoding="utf-8")
+    _one_line_error(*cli(capsys, "route", "run", tmp_path / "router", "--data", bad)[::2],
+                    "bad.jsonl:1: needs 'text' or 'prompt'")

@@ -121,7 +121,11 @@ def calibrate(
 @route_app.command("run", epilog="Example: fusekit route run ./router --prompt \"def main():\" --generate")
 def run(
     router_dir: RouterArg,
-    prompt: Annotated[str, typer.Option("--prompt", help="The query to route.", show_default=False)],
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The query to route.",
+                                               show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Route every query of this JSONL file (text "
+                                              "or prompt) instead; prints one JSON line per query.",
+                                              show_default=False)] = None,
     generate: Annotated[bool, typer.Option("--generate", help="Also let the chosen model answer "
                                            "(greedy).")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Length of the answer.")] = 64,
@@ -131,12 +135,22 @@ def run(
     device: DeviceOpt = Device.cpu,
     output_format: FormatOpt = Format.text,
 ) -> None:
-    """Print the model the router picks for --prompt (and, with --generate, its answer)."""
+    """Print the model the router picks for --prompt, or for each query of --data (and, with
+    --generate, the answer)."""
     from fusekit.errors import FusekitError
     from fusekit.route import run_router
+    from fusekit.route.run import route_file
 
     if threshold is not None and not 0 <= threshold <= 1:
         raise FusekitError(f"--threshold {threshold}: must be between 0 and 1")
+    if (prompt is None) == (data is None):
+        raise FusekitError("give either --prompt TEXT or --data FILE (one query, or a JSONL file of them)")
+    if data is not None:
+        for record in route_file(router_dir, data, generate=generate, max_new_tokens=max_new_tokens,
+                                 threshold=threshold, device=device.value):
+            typer.echo(json.dumps(record, ensure_ascii=False))
+        return
+    assert prompt is not None
     if not prompt.strip():
         raise FusekitError("--prompt is empty; give the query to route")
     result = run_router(router_dir, prompt, generate=generate, max_new_tokens=max_new_tokens,

@@ -1,10 +1,15 @@
-"""``fusekit route run``: route one prompt and, if asked, let the chosen model answer it."""
+"""``fusekit route run``: route one prompt, or every query of a file, and, if asked, let the chosen
+models answer."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from fusekit.route.data import load_examples
+from fusekit.route.policy import choose
 from fusekit.route.router import Decision, load_router
 
 
@@ -17,14 +22,26 @@ class RunResult:
     seconds_routing: float
 
 
-def generate_answer(ref: str, prompt: str, *, max_new_tokens: int = 64, device: str = "cpu") -> str:
-    """Greedy continuation of ``prompt`` by the model at ``ref``, new text only: the same loader and
-    decoder as ``fusekit ensemble generate`` (prompt read as ``fusekit score`` reads text)."""
+def generate_answers(ref: str, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                     device: str = "cpu") -> list[str]:
+    """Greedy continuations of ``prompts`` by the model at ``ref``, new text only: the same loader and
+    decoder as ``fusekit ensemble generate`` (prompts read as ``fusekit score`` reads text)."""
+    import gc
+
     from fusekit.lm import load_lm
     from fusekit.lm.generate import generate
 
     lm = load_lm(ref, device=device)
-    return generate(lm, [prompt], max_new_tokens=max_new_tokens)[0]
+    try:
+        return generate(lm, prompts, max_new_tokens=max_new_tokens)
+    finally:
+        del lm
+        gc.collect()
+
+
+def generate_answer(ref: str, prompt: str, *, max_new_tokens: int = 64, device: str = "cpu") -> str:
+    """:func:`generate_answers` for one prompt."""
+    return generate_answers(ref, [prompt], max_new_tokens=max_new_tokens, device=device)[0]
 
 
 def run_router(router_dir: str | Path, prompt: str, *, generate: bool = False, max_new_tokens: int = 64,
@@ -42,3 +59,27 @@ def run_router(router_dir: str | Path, prompt: str, *, generate: bool = False, m
         answer = generate_answer(decision.model.reference(), prompt, max_new_tokens=max_new_tokens,
                                  device=device)
     return RunResult(decision, answer, seconds)
+
+
+def route_file(router_dir: str | Path, data: str | Path, *, generate: bool = False, max_new_tokens: int = 64,
+               threshold: float | None = None, device: str = "cpu") -> list[dict[str, Any]]:
+    """Route every query of a JSONL file (``text`` or ``prompt``); one record per query, in order:
+    its ``line``, the chosen ``model`` and every model's ``probabilities`` and, with ``generate``,
+    the chosen model's ``answer`` (each model is loaded once, for all the queries routed to it)."""
+    router = load_router(router_dir, device=device)
+    examples = load_examples(data, queries_only=True)
+    queries = [e.query for e in examples]
+    q = router.probabilities(queries)
+    chosen = choose(q, router.order, router.threshold if threshold is None else threshold).tolist()
+    records: list[dict[str, Any]] = [
+        {"line": e.line, "model": router.names[m], "probabilities": dict(zip(router.names, row, strict=True))}
+        for e, m, row in zip(examples, chosen, q.tolist(), strict=True)]
+    if generate:
+        for index, model in enumerate(router.models):
+            mine = [i for i, m in enumerate(chosen) if m == index]
+            if mine:
+                answers = generate_answers(model.reference(), [queries[i] for i in mine],
+                                           max_new_tokens=max_new_tokens, device=device)
+                for i, answer in zip(mine, answers, strict=True):
+                    records[i]["answer"] = answer
+    return records
