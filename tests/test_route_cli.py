@@ -177,6 +177,14 @@ def test_calibrate_on_unlabelled_queries(models: dict[str, Path], tmp_path: Path
                          "--share", "0.5")[::2], "no.jsonl", "not found")
     _one_line_error(*cli(capsys, "route", "calibrate", models["c"], "--data", traffic, "--share",
                          "0.5")[::2], "not a fusekit router")
+    same = tmp_path / "same.yaml"
+    two = data_file(tmp_path / "two.jsonl", lambda d: "prose" if d == "prose" else "c")
+    same.write_text(f"models:\n  - model: {models['prose']}\n  - model: {models['c']}\ndata: {two}\n"
+                    "labels: given\nfolds: 0\n", encoding="utf-8")
+    code, _, err = cli(capsys, "route", "build", same, tmp_path / "same")
+    assert code == 0, err
+    _one_line_error(*cli(capsys, "route", "calibrate", tmp_path / "same", "--data", traffic, "--share",
+                         "0.5")[::2], "same cost")
     spec = recipe(tmp_path / "r2.yaml", models, data,
                   f"labels: given\ncalibrate: {{share: 0.5, data: {tmp_path / 'gone.jsonl'}}}\n")
     _one_line_error(*cli(capsys, "route", "build", spec, tmp_path / "o")[::2], "gone.jsonl", "not found")

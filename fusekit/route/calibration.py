@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fusekit.errors import FusekitError
 from fusekit.io.writer import atomic_output
 from fusekit.route.data import load_examples
 from fusekit.route.policy import calibrate
@@ -41,6 +42,9 @@ def recalibrate_router(router_dir: str | Path, data: str | Path, share: float,
     (default: replace ``router_dir``; either way the folder is swapped in whole, never half written)."""
     router_dir = Path(router_dir)
     router = load_router(router_dir)
+    if not router.dear_indices():
+        raise FusekitError(f"every model of the router '{router_dir}' has the same cost, so no call goes "
+                           "to a dearer model and there is no share to calibrate")
     calibrate_on_queries(router, read_queries(data), share, str(data))
     target = router_dir if out_dir is None else Path(out_dir)
     recipe = router_dir / "route.yaml"
