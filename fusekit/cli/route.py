@@ -10,6 +10,7 @@ import typer
 
 from fusekit.cli.app import app
 from fusekit.cli.options import Device, Format, OverwriteOpt
+from fusekit.errors import FusekitError
 
 route_app = typer.Typer(name="route", no_args_is_help=True, add_completion=False,
                         pretty_exceptions_enable=False,
@@ -20,6 +21,11 @@ RouterArg = Annotated[Path, typer.Argument(help="Router folder written by fuseki
                                            show_default=False)]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="Where models run.")]
 FormatOpt = Annotated[Format, typer.Option("--format", help="text or json.")]
+
+
+def _require_fraction(option: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise FusekitError(f"{option} {value}: must be between 0 and 1")
 
 
 @route_app.command("build", epilog="Example: fusekit route build configs/route/tfidf-knn.yaml ./router")
@@ -74,12 +80,10 @@ def evaluate(
 ) -> None:
     """Routed bits per byte against every single model, the oracle and a uniform merge; the
     cost-quality table across thresholds; calibration on this data."""
-    from fusekit.errors import FusekitError
     from fusekit.route import evaluate_router
 
     for value in [*(threshold or []), *(share or [])]:
-        if not 0 <= value <= 1:
-            raise FusekitError(f"--threshold/--share {value}: must be between 0 and 1")
+        _require_fraction("--threshold/--share", value)
     report = evaluate_router(router_dir, data, device=device.value, thresholds=threshold, shares=share,
                              with_merge=merge, batch_size=batch_size)
     if output_format is Format.json:
@@ -102,11 +106,9 @@ def calibrate(
     output_format: FormatOpt = Format.text,
 ) -> None:
     """Set the threshold so that --share of the queries in --data go to dearer models (no model runs)."""
-    from fusekit.errors import FusekitError
     from fusekit.route.calibration import recalibrate_router
 
-    if not 0 <= share <= 1:
-        raise FusekitError(f"--share {share}: must be between 0 and 1")
+    _require_fraction("--share", share)
     router = recalibrate_router(router_dir, data, share, out_dir, overwrite=overwrite)
     calibration = router.info["calibration"]
     target = out_dir if out_dir is not None else router_dir
@@ -137,12 +139,11 @@ def run(
 ) -> None:
     """Print the model the router picks for --prompt, or for each query of --data (and, with
     --generate, the answer)."""
-    from fusekit.errors import FusekitError
     from fusekit.route import run_router
     from fusekit.route.run import route_file
 
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise FusekitError(f"--threshold {threshold}: must be between 0 and 1")
+    if threshold is not None:
+        _require_fraction("--threshold", threshold)
     if (prompt is None) == (data is None):
         raise FusekitError("give either --prompt TEXT or --data FILE (one query, or a JSONL file of them)")
     if data is not None:

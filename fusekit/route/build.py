@@ -80,11 +80,12 @@ def out_of_fold(spec: RouterSpec, x: torch.Tensor, y: torch.Tensor, n_models: in
                 parts: Sequence[Sequence[int]], seed: int) -> torch.Tensor:
     """``(n, n_models)`` probabilities for each example from a router trained without its part."""
     q = torch.zeros(x.shape[0], n_models)
-    for index, held in enumerate(parts):
+    for index, part in enumerate(parts):
+        held = list(part)
         keep = torch.ones(x.shape[0], dtype=torch.bool)
-        keep[list(held)] = False
+        keep[held] = False
         fitted = fit_router(spec, x[keep], y[keep], n_models, seed=seed + index)
-        q[list(held)] = fitted.probabilities(x[list(held)])
+        q[held] = fitted.probabilities(x[held])
     return q
 
 

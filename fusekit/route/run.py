@@ -39,11 +39,6 @@ def generate_answers(ref: str, prompts: Sequence[str], *, max_new_tokens: int = 
         gc.collect()
 
 
-def generate_answer(ref: str, prompt: str, *, max_new_tokens: int = 64, device: str = "cpu") -> str:
-    """:func:`generate_answers` for one prompt."""
-    return generate_answers(ref, [prompt], max_new_tokens=max_new_tokens, device=device)[0]
-
-
 def run_router(router_dir: str | Path, prompt: str, *, generate: bool = False, max_new_tokens: int = 64,
                threshold: float | None = None, device: str = "cpu") -> RunResult:
     """Route ``prompt`` with the router in ``router_dir``; with ``generate`` the chosen model answers."""
@@ -56,8 +51,8 @@ def run_router(router_dir: str | Path, prompt: str, *, generate: bool = False, m
     seconds = time.perf_counter() - start
     answer = None
     if generate:
-        answer = generate_answer(decision.model.reference(), prompt, max_new_tokens=max_new_tokens,
-                                 device=device)
+        answer = generate_answers(decision.model.reference(), [prompt], max_new_tokens=max_new_tokens,
+                                  device=device)[0]
     return RunResult(decision, answer, seconds)
 
 
