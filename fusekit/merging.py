@@ -1,4 +1,4 @@
-"""``fusekit.merge`` and ``fusekit.plan``: the library entry points behind the CLI commands."""
+"""``fusekit.merge`` and ``fusekit.plan_merge``: the library entry points behind the CLI commands."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class MergeResult:
     kept_shards: int = 0
 
 
-def plan(recipe: str | Path, *, allow_pickle: bool = False) -> Plan:
+def plan_merge(recipe: str | Path, *, allow_pickle: bool = False) -> Plan:
     """Validate ``recipe`` and plan every output tensor, reading headers and configs only."""
     path = Path(recipe)
     parsed, _ = load_merge_recipe(path)
@@ -114,7 +114,7 @@ def merge(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
     has_lock = existing_lock.is_file()
     overwrite = overwrite or force
     check_output_folder(out_dir, overwrite=overwrite or has_lock)
-    merge_plan = plan(recipe, allow_pickle=allow_pickle)
+    merge_plan = plan_merge(recipe, allow_pickle=allow_pickle)
     fingerprints = InputFingerprints(merge_plan.models)
     try:
         if locked:

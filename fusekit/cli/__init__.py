@@ -23,10 +23,9 @@ from fusekit.cli import moe as _moe_commands  # noqa: F401
 from fusekit.cli import route as _route_commands  # noqa: F401
 from fusekit.cli import score as _score_commands  # noqa: F401
 from fusekit.cli.app import app
-from fusekit.cli.options import parse_size
 from fusekit.errors import FusekitError
 
-__all__ = ["app", "main", "parse_size"]
+__all__ = ["app", "main"]
 
 
 class Terminated(KeyboardInterrupt):

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fusekit import __version__
+from fusekit.version import __version__
 
 app = typer.Typer(
     name="fusekit", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

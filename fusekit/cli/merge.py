@@ -23,8 +23,8 @@ from fusekit.cli.options import (
     RecipeArg,
     RevisionOpt,
     ShardSizeOpt,
-    parse_size,
 )
+from fusekit.sizes import parse_size
 
 
 @app.command(epilog="Example: fusekit merge configs/linear.yaml ./merged --out-shard-size 2GB "
@@ -118,7 +118,7 @@ def plan(
 ) -> None:
     """Dry run: check a recipe and show what would be read, computed and written (no tensor data
     is read)."""
-    from fusekit.merging import plan as build
+    from fusekit.merging import plan_merge as build
     from fusekit.moe.recipe import is_moe_recipe
     from fusekit.plan.report import format_plan, plan_summary
 

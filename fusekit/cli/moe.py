@@ -19,8 +19,8 @@ from fusekit.cli.options import (
     PickleOpt,
     RecipeArg,
     ShardSizeOpt,
-    parse_size,
 )
+from fusekit.sizes import parse_size
 
 
 @app.command(epilog="Example: fusekit moe configs/moe/mixtral-hidden.yaml ./moe --device auto")

@@ -69,7 +69,7 @@ def check_ensemble(path: Path | str) -> dict[str, Any]:
         problems.append(f"all tokenizers are the same; method prob_avg gives what {recipe.method} "
                         "gives, faster")
     if recipe.method == "relative":
-        from fusekit.cli.options import parse_size
+        from fusekit.sizes import parse_size
 
         budget = parse_size(params.max_table_memory, "parameters.max_table_memory")
         need = report["alignment"]["relative_table_bytes"]

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from fusekit.cache import cache_folder
 from fusekit.ensemble import combine
 from fusekit.ensemble.align import RelativeAligner, UnionVocab
 from fusekit.ensemble.cascade import CascadeStats, cascade_step
@@ -121,7 +122,7 @@ class Ensemble:
     # --- set-up -------------------------------------------------------------------------------
 
     def _build_relative(self) -> RelativeAligner:
-        from fusekit.cli.options import parse_size
+        from fusekit.sizes import parse_size
 
         p = self.params
         cache = Path(p.cache_dir).expanduser() if p.cache_dir else _default_cache_dir()
@@ -415,10 +416,7 @@ def _embeddings(member: Member, which: str) -> torch.Tensor:
 
 
 def _default_cache_dir() -> Path:
-    import os
-
-    root = os.environ.get("FUSEKIT_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME")
-    return (Path(root) if root else Path.home() / ".cache") / "fusekit" / "align"
+    return cache_folder() / "align"
 
 
 def load_members(recipe: EnsembleRecipe, *, device: str = "cpu", dtype: str | None = None) -> list[Member]:

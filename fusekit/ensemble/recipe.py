@@ -89,8 +89,8 @@ class RelativeParams(_GateParams):
     @field_validator("max_table_memory")
     @classmethod
     def _size(cls, value: str) -> str:
-        from fusekit.cli.options import parse_size
         from fusekit.errors import FusekitError
+        from fusekit.sizes import parse_size
 
         try:
             parse_size(value, "max_table_memory")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from fusekit import __version__
 from fusekit.io.refs import hub_repo_id
+from fusekit.version import __version__
 
 
 def model_card(*, name: str, method: str, models: list[str], base: str | None, recipe_text: str,

@@ -16,18 +16,12 @@ import threading
 import uuid
 from pathlib import Path
 
+from fusekit.cache import cache_folder
 from fusekit.io.writer import file_sha256
 
 CACHE_NAME = "sha256-v1.json"
 MAX_ENTRIES = 10_000
 log = logging.getLogger("fusekit")
-
-
-def cache_folder() -> Path:
-    if os.environ.get("FUSEKIT_CACHE"):
-        return Path(os.environ["FUSEKIT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fusekit"
 
 
 def _stamp(path: Path) -> list[int]:

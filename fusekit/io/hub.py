@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusekit import __version__
 from fusekit.errors import FusekitError, HubError
 from fusekit.io.layout import INDEX_FILE
 from fusekit.io.writer import PARTIAL_MARKER
+from fusekit.version import __version__
 
 log = logging.getLogger("fusekit")
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})

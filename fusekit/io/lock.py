@@ -24,12 +24,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from fusekit import __version__
 from fusekit.errors import CheckpointError, LockMismatchError
 from fusekit.io.digests import DigestCache
 from fusekit.io.refs import SAFETENSORS_INDEX, ResolvedModel
 from fusekit.io.tokenizer import GENERATION_CONFIG, TOKENIZER_FILES
 from fusekit.io.writer import file_sha256, write_text
+from fusekit.version import __version__
 
 LOCK_FILE = "fusekit.lock"
 LOCK_VERSION = 1

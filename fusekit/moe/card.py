@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from fusekit import __version__
 from fusekit.io.refs import hub_repo_id
+from fusekit.version import __version__
 
 if TYPE_CHECKING:
     from fusekit.moe.build import MoePlan

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from fusekit import __version__
 from fusekit.errors import FusekitError, TensorMismatchError
 from fusekit.io.buffers import BufferPool
 from fusekit.io.journal import OutputGuard
@@ -39,6 +38,7 @@ from fusekit.io.writer import ShardWriter
 from fusekit.ops import MergeInputs, get_method
 from fusekit.ops.registry import BlockwiseMerge, TensorContext
 from fusekit.plan.graph import Plan, TensorTask
+from fusekit.version import __version__
 
 log = logging.getLogger("fusekit")
 

@@ -18,12 +18,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fusekit import __version__
 from fusekit.errors import FusekitError
 from fusekit.io.writer import write_json, write_text
 from fusekit.route.features import Featurizer, Tfidf, restore_featurizer
 from fusekit.route.policy import calibrate, choose, choose_one, dear_share_tail
 from fusekit.route.routers import FittedRouter, one_thread
+from fusekit.version import __version__
 
 FORMAT = "fusekit-router"
 FORMAT_VERSION = 1
