@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
+import torch
 from conftest import load_weights, write_recipe
 
 import fusekit
 from fusekit.errors import FusekitError
-from fusekit.plan import executor as executor_module
-from fusekit.plan.executor import ByteBudget, WorkUnit, peak_working_bytes, split_units
+from fusekit.io.reader import CheckpointReader
+from fusekit.io.writer import ShardWriter
+from fusekit.ops import registry
+from fusekit.plan import memory as memory_module
+from fusekit.plan import process as process_module
+from fusekit.plan.executor import Executor
+from fusekit.plan.memory import WorkUnit, peak_working_bytes, split_units
+from fusekit.plan.pipeline import ByteBudget
+from fusekit.plan.process import usable_cores
 
 RECIPES = {
     "linear": """merge_method: linear
@@ -82,8 +93,8 @@ def _recipe(tmp_path: Path, models: dict[str, Path], method: str) -> Path:
 
 def _tiny_budget(monkeypatch: pytest.MonkeyPatch) -> int:
     """Make the budget a few KiB so that every tensor of an elementwise method is cut into rows."""
-    monkeypatch.setattr(executor_module, "current_rss_bytes", lambda: 0)
-    monkeypatch.setattr(executor_module, "MIN_WORKING_BYTES", 0)
+    monkeypatch.setattr(memory_module, "current_rss_bytes", lambda: 0)
+    monkeypatch.setattr(memory_module, "MIN_WORKING_BYTES", 0)
     return 16 * 1024
 
 
@@ -123,7 +134,7 @@ def test_blockwise_methods_give_the_same_bytes_for_any_block_size(
 
 def test_row_blocks_cover_each_tensor_exactly_once(tiny_models: dict[str, Path],
                                                    tmp_path: Path) -> None:
-    plan = fusekit.plan(_recipe(tmp_path, tiny_models, "linear"))
+    plan = fusekit.plan_merge(_recipe(tmp_path, tiny_models, "linear"))
     units = split_units(plan, 8 * 1024)
     for task in plan.tasks:
         blocks = sorted(u.rows or (0, task.shape[0]) for u in units if u.task is task)
@@ -134,13 +145,13 @@ def test_row_blocks_cover_each_tensor_exactly_once(tiny_models: dict[str, Path],
 
 
 def test_no_budget_keeps_tasks_whole(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    plan = fusekit.plan(_recipe(tmp_path, tiny_models, "linear"))
+    plan = fusekit.plan_merge(_recipe(tmp_path, tiny_models, "linear"))
     assert [u.task for u in split_units(plan, None)] == list(plan.tasks)
 
 
 def test_peak_working_bytes_is_the_largest_admitted_window(tiny_models: dict[str, Path],
                                                            tmp_path: Path) -> None:
-    plan = fusekit.plan(_recipe(tmp_path, tiny_models, "linear"))
+    plan = fusekit.plan_merge(_recipe(tmp_path, tiny_models, "linear"))
     units = [WorkUnit(task) for task in plan.tasks]
     held = [u.held_bytes for u in units]
     transient = max(u.transient_bytes for u in units)
@@ -194,3 +205,101 @@ def test_merge_reads_inputs_exactly(tiny_models: dict[str, Path], tmp_path: Path
     fusekit.merge(recipe, tmp_path / "out", max_memory=_tiny_budget(monkeypatch))
     out, base = load_weights(tmp_path / "out"), load_weights(tiny_models["base"])
     assert (out["model.embed_tokens.weight"] == base["model.embed_tokens.weight"] * 0.5).all()
+
+
+# -- the process as the caller left it, and errors as they were raised -------------------------
+
+
+@pytest.fixture
+def odd_threads() -> Iterator[int]:
+    """torch set to a thread count no merge chooses (one more than the usable cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(usable_cores() + 1)
+    yield usable_cores() + 1
+    torch.set_num_threads(before)
+
+
+class _StepFailed(FusekitError):
+    """An error ``type(exc)(message)`` cannot rebuild (two arguments), with an attribute."""
+
+    def __init__(self, message: str, step: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+def _fail_chained(step: str, raised: list[BaseException]) -> NoReturn:
+    """Raise a :class:`_StepFailed` whose ``__cause__`` is an OSError and ``__context__`` a KeyError."""
+    try:
+        raise KeyError("context")
+    except KeyError:
+        error = _StepFailed(f"{step} failed", step)
+        raised.append(error)
+        raise error from OSError("cause")
+
+
+def test_merge_restores_torch_threads_and_tunes_malloc_only_when_allowed(
+        odd_threads: int, tiny_models: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    compute = Executor.compute
+    monkeypatch.setattr(Executor, "compute", lambda self, unit, stored: (
+        seen.append(torch.get_num_threads()), compute(self, unit, stored))[1])
+    tuned: list[int] = []
+    monkeypatch.setattr(process_module, "map_large_allocations", lambda *a: tuned.append(1) or True)
+    monkeypatch.setattr(process_module, "_malloc_tuning", False)
+    monkeypatch.delenv("FUSEKIT_MMAP_THRESHOLD", raising=False)
+    recipe = _recipe(tmp_path, tiny_models, "linear")  # linear streams: every tensor splits into rows
+    fusekit.merge(recipe, tmp_path / "library")
+    assert seen and set(seen) == {usable_cores()}  # the kernels ran on every core...
+    assert torch.get_num_threads() == odd_threads  # ...and the caller's count is back
+    assert tuned == []  # a library call never fixes glibc's mmap threshold (it cannot be undone)
+    process_module.allow_malloc_tuning()  # what the fusekit command does
+    fusekit.merge(recipe, tmp_path / "command", pipelined=False)
+    assert tuned == [1] and torch.get_num_threads() == odd_threads
+    monkeypatch.setenv("FUSEKIT_MMAP_THRESHOLD", "0")
+    fusekit.merge(recipe, tmp_path / "off")
+    assert tuned == [1]
+
+
+@pytest.mark.parametrize("step", ["read", "write"])
+def test_pipeline_thread_errors_reach_the_caller_as_raised(
+        step: str, odd_threads: int, tiny_models: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error on the reader or writer thread is the caller's exception: the same object, with
+    its type, attributes, message, cause and context; the process settings are restored."""
+    raised: list[BaseException] = []
+
+    def fail(*args: object, **kwargs: object) -> NoReturn:
+        _fail_chained(step, raised)
+
+    monkeypatch.setattr(CheckpointReader if step == "read" else ShardWriter,
+                        "get" if step == "read" else "write", fail)
+    with pytest.raises(_StepFailed) as caught:
+        fusekit.merge(_recipe(tmp_path, tiny_models, "linear"), tmp_path / "out")
+    error = caught.value
+    assert error is raised[0] and error.step == step and str(error) == f"{step} failed"
+    assert isinstance(error.__cause__, OSError) and isinstance(error.__context__, KeyError)
+    assert torch.get_num_threads() == odd_threads
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_kernel_error_keeps_its_type_attributes_and_chain(
+        pipelined: bool, odd_threads: int, tiny_models: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel's error gains the tensor's name in its message and loses nothing else."""
+    raised: list[BaseException] = []
+
+    def kernel(inputs: registry.MergeInputs) -> NoReturn:
+        _fail_chained("kernel", raised)
+
+    linear = registry.get_method("linear")
+    monkeypatch.setitem(registry._METHODS, "linear", dataclasses.replace(linear, kernel=kernel))
+    with pytest.raises(_StepFailed) as caught:
+        fusekit.merge(_recipe(tmp_path, tiny_models, "linear"), tmp_path / "out", pipelined=pipelined)
+    error = caught.value
+    first = next(iter(fusekit.plan_merge(_recipe(tmp_path, tiny_models, "linear")).tasks)).output
+    assert error is raised[0] and error.step == "kernel"
+    assert str(error) == f"tensor '{first}': kernel failed"
+    assert isinstance(error.__cause__, OSError) and isinstance(error.__context__, KeyError)
+    assert torch.get_num_threads() == odd_threads

@@ -229,7 +229,7 @@ def test_plan_streams_each_expert_tensor_from_its_model(models: dict[str, Path],
     text = recipe(tmp_path / "moe.yaml", models["base"], [(models["code"], CODE), (models["math"], MATH)])
     (tmp_path / "moe.yaml").write_text(text.read_text() + "    residual_scale: 0.5\n    noise_scale: 0.01\n")
     moe_plan = plan_moe(text)
-    tasks = {t.output: t for t in moe_plan.plan.tasks}
+    tasks = {t.output: t for t in moe_plan.graph.tasks}
     down = tasks["model.layers.1.block_sparse_moe.experts.1.w2.weight"]
     (source,) = down.inputs
     assert (source.model, source.name) == (str(models["math"]), "model.layers.1.mlp.down_proj.weight")

@@ -625,5 +625,5 @@ def test_nearswap_without_t_is_a_clear_error(tiny_models: dict[str, Path], tmp_p
     recipe = write_recipe(tmp_path / "r.yaml",
                           recipe_text("nearswap", [tiny_models["math"]], tiny_models["base"]))
     with pytest.raises(RecipeError, match="nearswap needs parameter 't'") as info:
-        fusekit.plan(recipe)
+        fusekit.plan_merge(recipe)
     assert info.value.exit_code == 2

@@ -756,5 +756,5 @@ def test_missing_t_fails_before_any_tensor_is_read(tiny_models: dict[str, Path],
     recipe = write_recipe(tmp_path / "r.yaml", _recipe(
         "slerp", [str(tiny_models["math"])], base=str(tiny_models["base"])))
     with pytest.raises(FusekitError, match="slerp needs parameter 't'"):
-        fusekit.plan(recipe)
+        fusekit.plan_merge(recipe)
     assert not (tmp_path / "out").exists()

@@ -276,7 +276,7 @@ def test_della_default_epsilon_with_a_small_density_fails_before_merging(tiny_mo
                   "    parameters: {weight: 1, density: 0.1}\n")
     path = write_recipe(tmp_path / "r.yaml", text)
     with pytest.raises(RecipeError, match="density ± epsilon") as info:
-        fusekit.plan(path)
+        fusekit.plan_merge(path)
     assert info.value.exit_code == 2
 
 
@@ -284,7 +284,7 @@ def test_a_missing_weight_fails_before_merging(tiny_models: dict[str, Path], tmp
     path = write_recipe(tmp_path / "r.yaml", recipe("ties", [tiny_models["math"]], tiny_models["base"],
                                                     "    parameters: {density: 0.5}\n"))
     with pytest.raises(RecipeError, match="ties needs parameter 'weight'"):
-        fusekit.plan(path)
+        fusekit.plan_merge(path)
 
 
 # -- selection ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from fusekit.io.refs import hub_repo_id
 from fusekit.version import __version__
 
 if TYPE_CHECKING:
-    from fusekit.moe.build import MoePlan
+    from fusekit.moe.plan import MoePlan
     from fusekit.moe.recipe import Expert
 
 _GATE_TEXT = {

@@ -30,7 +30,17 @@ class _Strict(BaseModel):
 
 
 class Expert(_Strict):
-    """One entry of ``experts`` (or ``shared_experts``)."""
+    """One entry of ``experts`` (or ``shared_experts``).
+
+    Attributes:
+        source_model: the dense model whose MLP becomes this expert.
+        positive_prompts / negative_prompts: text the expert should (not) be routed; ``hidden``
+            and ``cheap_embed`` gates are computed from them.
+        noise_scale: standard deviation of the Gaussian noise added to the copied weights
+            (None: exact copies).
+        residual_scale: factor on the expert's ``down_proj`` (for a shared expert: its share of
+            the MLP output, in [0, 1]).
+    """
 
     source_model: ModelRefText
     positive_prompts: list[str] | None = None
@@ -47,11 +57,28 @@ class Expert(_Strict):
         return prompts
 
     def prompt_sets(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The positive and negative prompts as tuples (empty when not given), for comparing experts."""
         return tuple(self.positive_prompts or ()), tuple(self.negative_prompts or ())
 
 
 class MoeRecipe(_Strict):
-    """A whole ``fusekit moe`` recipe (mergekit-moe's format)."""
+    """A whole ``fusekit moe`` recipe (mergekit-moe's format).
+
+    Attributes:
+        base_model: donor of attention, norms, embeddings and LM head.
+        experts: one entry per routed expert.
+        gate_mode: how routers start out: ``hidden`` (default), ``cheap_embed``, ``random`` or
+            ``uniform_random``.
+        experts_per_token: experts each token is routed to (default 2).
+        shared_experts: at most one always-on expert (Qwen2-MoE).
+        architecture: ``mixtral`` or ``qwen2_moe`` (aliases accepted); None chooses from
+            ``shared_experts``.
+        dtype: output dtype (default: the base's).
+
+    Example:
+        >>> MoeRecipe(base_model="./base", experts=[Expert(source_model="./math")]).gate_mode
+        'hidden'
+    """
 
     base_model: ModelRefText
     experts: list[Expert] = Field(min_length=1)
@@ -73,7 +100,11 @@ class MoeRecipe(_Strict):
         return name
 
     def expert_refs(self) -> list[str]:
-        """Every model the recipe reads, base first, without duplicates."""
+        """Every model the recipe reads, base first, without duplicates.
+
+        Returns:
+            Model references in recipe order.
+        """
         refs = [self.base_model, *(e.source_model for e in self.experts),
                 *(e.source_model for e in self.shared_experts or [])]
         return list(dict.fromkeys(refs))
@@ -133,7 +164,21 @@ def parse_moe_recipe(text: str, name: str = "<recipe>", *, allow_identical_exper
 
 def load_moe_recipe(path: Path | str, *, allow_identical_experts: bool = False
                     ) -> tuple[MoeRecipe, RecipeSource, str]:
-    """Read, parse and validate an MoE recipe file; returns the recipe, its marks and its text."""
+    """Read, parse and validate an MoE recipe file.
+
+    Args:
+        path: the YAML file.
+        allow_identical_experts: accept a recipe whose experts are all the same model.
+
+    Returns:
+        The recipe, its line marks, and its text as written.
+
+    Raises:
+        RecipeError: every problem found, each as ``file:line:col key: message``.
+
+    Example:
+        >>> recipe, _, text = load_moe_recipe("configs/moe/mixtral-hidden.yaml")  # doctest: +SKIP
+    """
     path = Path(path)
     text = read_recipe_text(path)
     recipe, source = parse_moe_recipe(text, str(path), allow_identical_experts=allow_identical_experts)
@@ -144,6 +189,12 @@ def is_moe_recipe(path: Path | str) -> bool:
     """Whether ``path`` holds an MoE recipe (a mapping with ``experts`` and no ``merge_method``).
 
     Unreadable or malformed files answer False, so the merge loader reports their problem.
+
+    Args:
+        path: the recipe file.
+
+    Returns:
+        True for an MoE recipe.
     """
     try:
         data: Any

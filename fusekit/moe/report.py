@@ -7,17 +7,18 @@ from pathlib import Path
 from typing import Any
 
 from fusekit.io.layout import TensorSpec, plan_shards
-from fusekit.moe.build import GATES, MoePlan, plan_moe
-from fusekit.plan.report import human_bytes, memory_estimate
+from fusekit.moe.plan import GATES, MoePlan, plan_moe
+from fusekit.plan.memory import memory_estimate
+from fusekit.plan.report import human_bytes
 
 
 def moe_plan_summary(moe_plan: MoePlan, *, max_shard_bytes: int | None,
                      max_memory: int | None) -> dict[str, Any]:
     """Machine-readable summary: experts, gates, layers, bytes, shards and peak memory."""
-    plan, recipe = moe_plan.plan, moe_plan.recipe
-    specs = [TensorSpec(t.output, t.shape, t.out_dtype) for t in plan.tasks]
-    estimate, baseline, working = memory_estimate(plan, max_memory)
-    read = sum({(i.model, i.name): i.nbytes for t in plan.tasks for i in t.inputs
+    graph, recipe = moe_plan.graph, moe_plan.recipe
+    specs = [TensorSpec(t.output, t.shape, t.out_dtype) for t in graph.tasks]
+    estimate, baseline, working = memory_estimate(graph, max_memory)
+    read = sum({(i.model, i.name): i.nbytes for t in graph.tasks for i in t.inputs
                 if i.model != GATES}.values())
     forward = moe_plan.base_bytes if recipe.gate_mode == "hidden" else 0
     return {
@@ -30,9 +31,9 @@ def moe_plan_summary(moe_plan: MoePlan, *, max_shard_bytes: int | None,
         "gate_mode": recipe.gate_mode,
         "prompts": moe_plan.prompt_count,
         "layers": moe_plan.layers,
-        "tensors": len(plan.tasks),
+        "tensors": len(graph.tasks),
         "bytes_read": read,
-        "bytes_written": plan.output_bytes,
+        "bytes_written": graph.output_bytes,
         "shards": len(plan_shards(specs, max_shard_bytes)),
         "peak_memory_bytes": estimate,
         "baseline_bytes": baseline,
@@ -71,7 +72,7 @@ def format_moe_plan(moe_plan: MoePlan, *, max_shard_bytes: int | None, max_memor
     ]
     if verbose:
         lines.append("tensors:")
-        for task in moe_plan.plan.tasks:
+        for task in moe_plan.graph.tasks:
             (source,) = task.inputs
             params = task.model_params[0].model_dump(exclude_none=True)
             details = " | " + ", ".join(f"{k}={v:g}" for k, v in params.items()) if params else ""

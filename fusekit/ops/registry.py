@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Params(BaseModel):
-    """Base for parameter models: frozen, unknown names rejected."""
+    """Base for parameter models: frozen, unknown names rejected.
+
+    Example:
+        >>> class ScaleParams(Params):
+        ...     scale: float = 1.0
+        >>> ScaleParams(scale=0.5).scale
+        0.5
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -51,12 +58,32 @@ class MergeInputs:
 
         Stochastic kernels draw on the CPU from this and move the draw to the tensors' device, so a
         run gives the same bytes on CPU and GPU, in any tensor order and with any thread count.
+
+        Args:
+            model_index: the position of the model in ``tensors``.
+
+        Returns:
+            A fresh generator (see :func:`seeded_generator`).
         """
         return seeded_generator(self.seed, self.tensor_name, model_index)
 
 
 def seeded_generator(seed: int, tensor_name: str, model_index: int) -> torch.Generator:
-    """A CPU generator whose state depends only on its three arguments."""
+    """A CPU generator whose state depends only on its three arguments.
+
+    Args:
+        seed: the run's random seed.
+        tensor_name: the output tensor's name.
+        model_index: the model's position among the kernel's inputs.
+
+    Returns:
+        A ``torch.Generator`` on the CPU, seeded from a SHA-256 of the three.
+
+    Example:
+        >>> a = torch.rand(2, generator=seeded_generator(0, "w", 1))
+        >>> bool((a == torch.rand(2, generator=seeded_generator(0, "w", 1))).all())
+        True
+    """
     digest = hashlib.sha256(f"{seed}\0{tensor_name}\0{model_index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
@@ -167,11 +194,16 @@ class MergeMethod:
 
     @property
     def splits_rows(self) -> bool:
-        """Whether the executor may cut this method's tensors into row blocks."""
+        """Whether the executor may cut this method's tensors into row blocks (elementwise, or
+        blockwise)."""
         return self.elementwise or self.blockwise is not None
 
     def parameter_names(self) -> dict[str, str]:
-        """Every accepted parameter name (YAML spelling) → ``"model"`` or ``"method"``."""
+        """Every accepted parameter name and its scope.
+
+        Returns:
+            Name as recipes spell it → ``"model"`` (per-model) or ``"method"`` (method-wide).
+        """
         names = {_yaml_name(n, f.alias): "model" for n, f in self.model_params.model_fields.items()}
         names.update({_yaml_name(n, f.alias): "method"
                       for n, f in self.method_params.model_fields.items()})
@@ -193,7 +225,32 @@ def register(name: str, *, model_params: type[Params] = NoParams,
              result_dtype: Callable[[torch.dtype], torch.dtype] | None = None,
              blockwise: BlockwiseStart | None = None,
              ) -> Callable[[Kernel], Kernel]:
-    """Decorator registering ``kernel`` under ``name``; a duplicate name is a bug and raises."""
+    """Decorator registering a kernel as the merge method ``name``.
+
+    Args:
+        name: the ``merge_method`` value recipes use.
+        model_params / method_params: pydantic models of per-model and method-wide parameters.
+        base: whether the method needs a base model ("required"), can use one ("optional") or
+            treats it as one more input ("unused").
+        min_models / max_models: bounds on the number of input tensors.
+        summary: one line for the README and ``--help``.
+        stochastic: the kernel draws random numbers.
+        elementwise: the kernel treats every element on its own (row blocks allowed).
+        scratch: temporaries per output element, given (inputs, compute itemsize).
+        result_dtype: the dtype the kernel returns for a compute dtype.
+        blockwise: start of a :class:`BlockwiseMerge` for methods needing whole-tensor statistics.
+
+    Returns:
+        A decorator that registers the kernel and returns it unchanged.
+
+    Raises:
+        ValueError: ``name`` is already registered (a bug, not a user mistake).
+
+    Example:
+        >>> @register("halve_demo", summary="half of one tensor", elementwise=True)  # doctest: +SKIP
+        ... def halve(inputs: MergeInputs) -> torch.Tensor:
+        ...     return inputs.tensors[0] * 0.5
+    """
 
     def add(kernel: Kernel) -> Kernel:
         if name in _METHODS:
@@ -217,10 +274,28 @@ def at_least_float32(dtype: torch.dtype) -> torch.dtype:
 
 
 def get_method(name: str) -> MergeMethod:
-    """The method called ``name``; KeyError when unknown (callers turn it into a user error)."""
+    """The method registered as ``name``.
+
+    Args:
+        name: a ``merge_method`` value.
+
+    Returns:
+        Its :class:`MergeMethod`.
+
+    Raises:
+        KeyError: ``name`` is not registered (callers turn it into a user error).
+
+    Example:
+        >>> get_method("linear").elementwise  # doctest: +SKIP
+        True
+    """
     return _METHODS[name]
 
 
 def method_names() -> list[str]:
-    """Registered method names, sorted."""
+    """Registered method names, sorted.
+
+    Returns:
+        Every name :func:`get_method` accepts.
+    """
     return sorted(_METHODS)

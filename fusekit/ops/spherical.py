@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from fusekit.errors import RecipeError
 from fusekit.ops.registry import MergeInputs, NoParams, Params, TensorContext, register, whole_tensor
@@ -297,10 +298,27 @@ def multislerp(inputs: MergeInputs) -> torch.Tensor:
 # -- karcher --------------------------------------------------------------------------------------
 
 
+KARCHER_MAX_ITER = 1000  # mergekit's default is 10; far beyond that the mean no longer moves
+
+
+def _bounded_steps(value: int) -> int:
+    if not 0 <= value <= KARCHER_MAX_ITER:
+        raise ValueError(f"must be a whole number of steps in [0, {KARCHER_MAX_ITER}]")
+    return value
+
+
+def _tolerance(value: float) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError("must be a finite number >= 0 (0 runs all max_iter steps)")
+    return value
+
+
 class KarcherParams(Params):
-    max_iter: int = Field(default=10, description="most Riemannian gradient steps")
-    tol: float = Field(default=1e-5, description="stop when the tangent step is shorter than this; "
-                       "norms at or below it count as zero")
+    max_iter: Annotated[int, AfterValidator(_bounded_steps)] = Field(
+        default=10, description=f"most Riemannian gradient steps, at most {KARCHER_MAX_ITER}")
+    tol: Annotated[float, AfterValidator(_tolerance)] = Field(
+        default=1e-5, description="stop when the tangent step is shorter than this; norms at or "
+                                  "below it count as zero")
 
 
 def _karcher_step(mean: torch.Tensor, units: list[torch.Tensor], alphas: list[float],

@@ -28,9 +28,9 @@ from fusekit.arch import (
     with_layer_index,
 )
 from fusekit.errors import CheckpointError, RecipeError, TensorMismatchError
-from fusekit.io.reader import CheckpointReader
-from fusekit.io.refs import ResolvedModel, resolve_model
-from fusekit.io.tokenizer import resolve_chat_template
+from fusekit.io.reader import CheckpointReader, refuse_float8_without_dtype
+from fusekit.io.refs import ResolvedModel, require_config, resolve_model
+from fusekit.io.tokenizer import check_tokenizer_files, resolve_chat_template
 from fusekit.ops import MergeMethod, get_method
 from fusekit.plan.graph import Plan, TensorInput, TensorTask
 from fusekit.recipe.params import ParameterScope
@@ -104,6 +104,10 @@ class PlanBuilder:
             self.donor = recipe.slices[0].sources[0].model
         self.compute_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
         self.out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
+        if self.donor in self.models:
+            require_config(self.models[self.donor], "the output's config.json is copied from it")
+        if self.compute_dtype is None:
+            refuse_float8_without_dtype(self.readers.values())
 
     # -- slices -------------------------------------------------------------------------------
 
@@ -168,6 +172,8 @@ class PlanBuilder:
         tasks += self._post_tasks(post_slice)
         self._check_unique([task.output for task in tasks])
         tokenizer_source = self._tokenizer_source()
+        if tokenizer_source is not None:
+            check_tokenizer_files(tokenizer_source.folder)
         writes_head = any(is_lm_head(task.output) for task in tasks)
         return Plan(recipe=self.recipe, recipe_text=self.recipe_text, models=self.models,
                     donor=self.donor, tasks=tuple(tasks),
@@ -352,5 +358,27 @@ def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
 
 
 def build_plan(recipe: MergeRecipe, *, recipe_text: str = "", allow_pickle: bool = False) -> Plan:
-    """Resolve models, read their headers and configs, and plan every output tensor."""
+    """Resolve models, read their headers and configs, and plan every output tensor.
+
+    Reads no tensor data: shapes and dtypes come from the checkpoints' headers.
+
+    Args:
+        recipe: a validated merge recipe.
+        recipe_text: its YAML as written (copied into the output and its lock).
+        allow_pickle: accept ``.bin``/``.pt`` inputs (loaded with ``weights_only=True``).
+
+    Returns:
+        The plan: one task per output tensor, in write order, and the output config.
+
+    Raises:
+        CheckpointNotFoundError: a model reference points at nothing usable.
+        CheckpointError: a checkpoint or its config cannot be read.
+        TensorMismatchError: the models' tensors, shapes or layer counts disagree.
+        RecipeError: a parameter cannot be applied to these models.
+
+    Example:
+        >>> recipe, _ = load_merge_recipe("configs/linear.yaml")  # doctest: +SKIP
+        >>> len(build_plan(recipe).tasks)  # doctest: +SKIP
+        21
+    """
     return PlanBuilder(recipe, recipe_text=recipe_text, allow_pickle=allow_pickle).build()

@@ -7,13 +7,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from fusekit.io.layout import TensorSpec, plan_shards
-from fusekit.plan.executor import (
-    current_rss_bytes,
-    peak_working_bytes,
-    split_units,
-    working_budget,
-)
 from fusekit.plan.graph import Plan, TensorTask
+from fusekit.plan.memory import memory_estimate
 
 
 def human_bytes(count: float) -> str:
@@ -38,15 +33,6 @@ def _task_line(task: TensorTask) -> str:
     details = " | ".join(x for x in (per_model, params) if x)
     return (f"  {task.output} {list(task.shape)} {str(task.out_dtype).removeprefix('torch.')} "
             f"t={task.t:.3g} <- {sources}{base}" + (f" | {details}" if details else ""))
-
-
-def memory_estimate(plan: Plan, max_memory: int | None) -> tuple[int, int, int]:
-    """(peak resident bytes, this process's current footprint, peak working bytes) for a merge
-    run under ``max_memory``; the footprint stands in for the merge process's own."""
-    baseline = current_rss_bytes()
-    budget = working_budget(max_memory)
-    working = peak_working_bytes(split_units(plan, budget), budget)
-    return baseline + working, baseline, working
 
 
 def plan_summary(plan: Plan, *, max_shard_bytes: int | None,
