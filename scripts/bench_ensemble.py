@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from fusekit.ensemble.engine import Ensemble, load_members
-from fusekit.ensemble.members import Member, cache_kwargs
+from fusekit.ensemble.members import Member
 from fusekit.ensemble.recipe import parse_ensemble_recipe
+from fusekit.lm.decode import cache_kwargs
 
 PROMPT = "def parse_args(argv):\n    \"\"\"Parse the command line"
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}

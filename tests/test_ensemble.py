@@ -3,6 +3,7 @@ names, cross-vocabulary decoding and scoring, relative tables, cascade, vote/MBR
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -19,8 +20,9 @@ from hypothesis import strategies as st
 import fusekit
 from fusekit.demo import build_demo_models
 from fusekit.ensemble import combine
-from fusekit.ensemble.align.relative import AlignmentMemoryError
+from fusekit.ensemble.align.relative import AlignmentMemoryError, RelativeAligner
 from fusekit.ensemble.cascade import cascade_step
+from fusekit.ensemble.cross_vocab import RelativeMethod
 from fusekit.ensemble.engine import Ensemble, load_ensemble, load_members
 from fusekit.ensemble.members import TextStream, longest_complete_prefix
 from fusekit.ensemble.recipe import parse_ensemble_recipe
@@ -350,11 +352,15 @@ def test_cross_vocabulary_methods_generate_valid_text(models: dict[str, Path], t
     assert list((tmp_path / "c").glob("relative-*.safetensors"))
 
 
+def _aligner(ens: Ensemble) -> RelativeAligner:
+    assert isinstance(ens.method_impl, RelativeMethod)
+    return ens.method_impl.aligner
+
+
 def test_relative_tables_maps_cache_and_guard(models: dict[str, Path], tmp_path: Path) -> None:
     names = ["code_a", "prose_b"]
     ens = ensemble(recipe(models, names, "relative", f"parameters: {{cache_dir: {tmp_path}}}\n"))
-    aligner = ens._relative
-    assert aligner is not None
+    aligner = _aligner(ens)
     va, vb = ens.members[0].vocab, ens.members[1].vocab
     anchors = [p for p in dict.fromkeys(va.pieces) if p is not None and p in vb.by_bytes]
     assert aligner.n_anchors == len(anchors)
@@ -415,16 +421,16 @@ def test_relative_tables_maps_cache_and_guard(models: dict[str, Path], tmp_path:
     # cache, memory guard, sparse tables
     files = list(tmp_path.glob("relative-*.safetensors"))
     assert len(files) == 1
-    again = ensemble(recipe(models, names, "relative", f"parameters: {{cache_dir: {tmp_path}}}\n"))._relative
-    assert again is not None and again.tables[0].dense is not None
+    again = _aligner(ensemble(recipe(models, names, "relative", f"parameters: {{cache_dir: {tmp_path}}}\n")))
+    assert again.tables[0].dense is not None
     assert torch.equal(again.tables[0].dense, aligner.tables[0].dense)
     assert torch.equal(again.maps[1].ids, m.ids) and torch.equal(again.maps[1].weights, m.weights)
     with pytest.raises(AlignmentMemoryError, match=r"would take .* KB.*max_table_memory"):
         ensemble(recipe(models, names, "relative", "parameters: {max_table_memory: 10KB, cache_dir: "
                         f"{tmp_path}}}\n"))
-    sparse = ensemble(recipe(models, names, "relative", "parameters: {max_table_memory: 200KB, sparsify: "
-                             f"true, sparse_k: 8, cache_dir: {tmp_path}}}\n"))._relative
-    assert sparse is not None and sparse.tables[0].values is not None
+    sparse = _aligner(ensemble(recipe(models, names, "relative", "parameters: {max_table_memory: 200KB, "
+                                      f"sparsify: true, sparse_k: 8, cache_dir: {tmp_path}}}\n")))
+    assert sparse.tables[0].values is not None
     assert sparse.tables[0].values.shape[1] == 8
     rows = sparse.tables[0].rows(torch.tensor([5, 9]), sparse.n_anchors)
     assert rows.shape == (2, sparse.n_anchors) and int((rows != 0).sum(-1).max()) <= 8
@@ -479,6 +485,69 @@ def test_vote_and_mbr_generate(models: dict[str, Path]) -> None:
         assert answer.candidates is not None and len(answer.candidates) == 3
         assert answer.text in answer.candidates
 
+
+
+def test_vote_records_tokens_and_end_of_sequence(models: dict[str, Path]) -> None:
+    """A vote answer counts the chosen candidate's tokens (not characters) and is finished only when
+    that candidate stopped at end-of-sequence; the reference is the member sampling alone with the
+    same seed (one sampler for both)."""
+    from fusekit.lm.generate import generate_ids
+
+    lm = lm_of(models["prose_b"])
+    assert lm.tokenizer is not None
+    ids = [lm.tokenizer.bos_token_id, *lm.tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]]
+
+    def sampled(seed: int) -> list[int]:
+        return generate_ids(lm, [ids], max_new_tokens=8, temperature=1.0, seed=seed, stop_at_eos=False)[0]
+
+    # a seed whose 8 tokens do not spell 8 characters, so tokens and characters differ
+    seed = next(s for s in range(200) if len(decode(models["prose_b"], sampled(s))) != 8)
+    free = sampled(seed)
+    parsed, _ = parse_ensemble_recipe(recipe(models, ["prose_b"], "vote"), "ens.yaml")
+    members = load_members(parsed)
+    open_ended = Ensemble(parsed, members).generate(PROMPTS[1:2], max_new_tokens=8, temperature=1.0,
+                                                    seed=seed).answers[0]
+    assert (open_ended.new_tokens, open_ended.finished) == (8, False)
+    assert open_ended.text == decode(models["prose_b"], free)
+    stop = free[2]  # make the third token end the sequence
+    members[0].vocab = dataclasses.replace(members[0].vocab, eos_id=stop)
+    stopped = Ensemble(parsed, members).generate(PROMPTS[1:2], max_new_tokens=8, temperature=1.0,
+                                                 seed=seed).answers[0]
+    want = free[:free.index(stop) + 1]
+    assert (stopped.new_tokens, stopped.finished) == (len(want), True)
+    assert stopped.text == decode(models["prose_b"], want)
+
+
+def test_one_member_ensemble_samples_what_lm_generate_samples(models: dict[str, Path]) -> None:
+    """lm.generate's sampler is the reference: a one-member prob_avg ensemble sampled at temperature
+    0.9 with seed S gives its texts, batch by batch (seed + first prompt's index per batch)."""
+    from fusekit.lm.generate import generate
+
+    prompts = [*PROMPTS, "class Model", "It is"]
+    ens = ensemble(recipe(models, ["code_a"], "prob_avg"))
+    for seed, batch_size in ((11, 2), (12, 8)):
+        got = [a.text for a in ens.generate(prompts, max_new_tokens=12, temperature=0.9, seed=seed,
+                                            batch_size=batch_size).answers]
+        want = generate(lm_of(models["code_a"]), prompts, max_new_tokens=12, temperature=0.9, seed=seed,
+                        batch_size=batch_size)
+        assert got == want
+        greedy = [a.text for a in ens.generate(prompts, max_new_tokens=12, batch_size=batch_size).answers]
+        assert got != greedy  # sampling really happened
+
+
+def test_method_table_matches_the_recipe_schema() -> None:
+    """Every recipe method is one row: its family, typed parameters and whether it has bits per byte."""
+    from fusekit.ensemble import recipe as schema
+    from fusekit.ensemble.methods import METHODS, method_spec
+
+    assert set(METHODS) == set(schema.METHODS)
+    families = {"same": schema.SAME_VOCAB_METHODS, "cross": schema.CROSS_VOCAB_METHODS,
+                "answer": schema.ANSWER_METHODS}
+    for name in schema.METHODS:
+        spec = method_spec(name)
+        assert spec.name == name and name in families[spec.family]
+        assert spec.params is schema.PARAMS[name]
+    assert {n for n, spec in METHODS.items() if not spec.distribution} == {"topk_union", "vote", "mbr"}
 
 # --- bad input ----------------------------------------------------------------------------------
 

@@ -190,3 +190,45 @@ def test_generation_stops_at_eos(lm: LoadedLM) -> None:
     assert generate_ids(stopping, ids, max_new_tokens=6)[0] == free[:free.index(free[1]) + 1]
     with pytest.raises(FusekitError, match="must not be negative"):
         generate_ids(lm, ids, max_new_tokens=-1)
+
+
+def test_sampler_follows_the_seeded_softmax() -> None:
+    """The one sampler: argmax at temperature 0; else the draw torch.multinomial makes from
+    softmax(float32 scores / T) with the same generator state; -inf tokens are never drawn."""
+    from fusekit.lm.decode import sample
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 50, generator=gen, dtype=torch.float64)
+    assert torch.equal(sample(scores, 0.0, None), scores.argmax(-1))
+    for temperature in (0.5, 1.0, 2.0):
+        got = sample(scores, temperature, torch.Generator().manual_seed(7))
+        probs = torch.softmax(scores.float() / temperature, dim=-1)
+        want = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(7))[:, 0]
+        assert torch.equal(got, want)
+    masked = scores.clone()
+    masked[:, 1:] = float("-inf")
+    assert sample(masked, 5.0, torch.Generator().manual_seed(1)).tolist() == [0, 0, 0, 0]
+    # many draws of one row: frequencies follow softmax(scores / T) (a 4-sigma band per token)
+    row = torch.tensor([[0.0, 1.0, 2.0]])
+    draws = torch.cat([sample(row.expand(500, 3), 1.5, torch.Generator().manual_seed(s)) for s in range(8)])
+    p = torch.softmax(row[0].double() / 1.5, -1)
+    freq = torch.bincount(draws, minlength=3).double() / len(draws)
+    assert torch.all((freq - p).abs() <= 4 * (p * (1 - p) / len(draws)).sqrt())
+
+
+def test_sampled_generation_matches_a_loop_without_cache(lm: LoadedLM) -> None:
+    """generate_ids at temperature 0.8: each step runs the whole sequence (no KV cache, no batch) and
+    draws from softmax(logits / 0.8) with one generator seeded with the seed."""
+    from fusekit.lm.generate import generate_ids, prompt_ids
+
+    ids = prompt_ids(lm, PROMPTS[1])
+    gen = torch.Generator().manual_seed(21)
+    want: list[int] = []
+    with torch.inference_mode():
+        for _ in range(10):
+            logits = lm.model(input_ids=torch.tensor([ids + want])).logits[0, -1].float()
+            probs = torch.softmax(logits / 0.8, dim=-1)
+            want.append(int(torch.multinomial(probs, 1, generator=gen)))
+    got = generate_ids(lm, [ids], max_new_tokens=10, temperature=0.8, seed=21, stop_at_eos=False)
+    assert got == [want]
+    assert got != generate_ids(lm, [ids], max_new_tokens=10, temperature=0.8, seed=22, stop_at_eos=False)

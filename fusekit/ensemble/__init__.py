@@ -7,6 +7,11 @@ Needs the ``lm`` extra (transformers). Public names:
 - :func:`load_ensemble`, :class:`Ensemble`: load the models; ``Ensemble.generate``.
 - :func:`score_ensemble`: bits per byte of a text for the ensemble and each member.
 - :func:`check_ensemble`: compatibility and cost report without loading weights.
+
+Each ``method:`` is one row of :data:`fusekit.ensemble.methods.METHODS` (family, typed parameters,
+builder); the three families' drivers are in :mod:`fusekit.ensemble.decoding`, and every token is
+chosen by the one decode loop and sampler of :mod:`fusekit.lm.decode`, which ``fusekit.lm.generate``
+and ``fusekit route run --generate`` use too.
 """
 
 from fusekit.ensemble.recipe import EnsembleRecipe, load_ensemble_recipe, parse_ensemble_recipe

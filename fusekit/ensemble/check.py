@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from fusekit.ensemble.align.relative import relative_table_bytes, shared_anchors
-from fusekit.ensemble.members import token_vocab
-from fusekit.ensemble.recipe import CROSS_VOCAB_METHODS, SAME_VOCAB_METHODS, load_ensemble_recipe
+from fusekit.ensemble.members import TokenVocab, token_vocab
+from fusekit.ensemble.methods import method_spec
+from fusekit.ensemble.recipe import EnsembleRecipe, load_ensemble_recipe
 from fusekit.io.reader import CheckpointReader
 from fusekit.io.refs import resolve_model
 from fusekit.lm.load import load_tokenizer
@@ -20,25 +21,25 @@ def check_ensemble(path: Path | str) -> dict[str, Any]:
     """A compatibility report as a dict: members (vocabulary, tokenizer family, special tokens,
     parameters), vocabulary overlap with the primary, alignment-table memory and cost per token.
 
+    Args:
+        path: the ensemble recipe file.
+
+    Returns:
+        The report (JSON-ready); ``problems`` lists what would go wrong, empty when all is well.
+
     Raises:
         FusekitError: the recipe is invalid, or a model or its tokenizer cannot be found.
+
+    Example:
+        >>> print(format_report(check_ensemble("configs/ensemble/union.yaml")))
     """
     recipe, _ = load_ensemble_recipe(path)
     members: list[dict[str, Any]] = []
-    vocabs = []
+    vocabs: list[TokenVocab] = []
     for i, entry in enumerate(recipe.models):
-        resolved = resolve_model(entry.model)
-        tokenizer = load_tokenizer(entry.model, resolved.folder)
-        config_path = resolved.config_path
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-        with CheckpointReader(resolved) as reader:
-            params = sum(math.prod(reader.info(name).shape) for name in reader.names())
-        width = int(config.get("vocab_size") or len(tokenizer))
-        vocab = token_vocab(tokenizer, width)
+        member, vocab = _member(entry.model)
+        members.append({"index": i, "model": entry.model, "weight": round(recipe.weights()[i], 6), **member})
         vocabs.append(vocab)
-        members.append({"index": i, "model": entry.model, "weight": round(recipe.weights()[i], 6),
-                        "parameters": params, "vocab_size": width, "tokenizer": vocab.family,
-                        "special_tokens": vocab.special, "context": config.get("max_position_embeddings")})
     primary = vocabs[recipe.primary]
     same = all(v.fingerprint == primary.fingerprint for v in vocabs)
     for m, v in zip(members, vocabs, strict=True):
@@ -61,27 +62,54 @@ def check_ensemble(path: Path | str) -> dict[str, Any]:
                            "relative_table_bytes": relative_table_bytes(
                                [v.width for v in vocabs],
                                min(len(anchors), getattr(params, "max_anchors", None) or len(anchors)))}
+    report["problems"] = _problems(recipe, same, report["alignment"]["relative_table_bytes"])
+    return report
+
+
+def _member(ref: str) -> tuple[dict[str, Any], TokenVocab]:
+    """One member's entry of the report (parameters, vocabulary, tokenizer) and its byte view."""
+    resolved = resolve_model(ref)
+    tokenizer = load_tokenizer(ref, resolved.folder)
+    config_path = resolved.config_path
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    with CheckpointReader(resolved) as reader:
+        params = sum(math.prod(reader.info(name).shape) for name in reader.names())
+    width = int(config.get("vocab_size") or len(tokenizer))
+    vocab = token_vocab(tokenizer, width)
+    return ({"parameters": params, "vocab_size": width, "tokenizer": vocab.family,
+             "special_tokens": vocab.special, "context": config.get("max_position_embeddings")}, vocab)
+
+
+def _problems(recipe: EnsembleRecipe, same: bool, table_bytes: int) -> list[str]:
+    """What would go wrong: a method's family against the tokenizers, relative tables over budget."""
+    family = method_spec(recipe.method).family
     problems = []
-    if recipe.method in SAME_VOCAB_METHODS and not same:
+    if family == "same" and not same:
         problems.append(f"method {recipe.method} needs one vocabulary but the tokenizers differ; use "
                         "method: union or relative")
-    if recipe.method in CROSS_VOCAB_METHODS and same:
+    if family == "cross" and same:
         problems.append(f"all tokenizers are the same; method prob_avg gives what {recipe.method} "
                         "gives, faster")
     if recipe.method == "relative":
         from fusekit.sizes import parse_size
 
+        params = recipe.params()
         budget = parse_size(params.max_table_memory, "parameters.max_table_memory")
-        need = report["alignment"]["relative_table_bytes"]
-        if need > budget and not params.sparsify:
-            problems.append(f"relative tables need {need} bytes, over max_table_memory "
+        if table_bytes > budget and not params.sparsify:
+            problems.append(f"relative tables need {table_bytes} bytes, over max_table_memory "
                             f"{params.max_table_memory}; set sparsify: true or lower max_anchors")
-    report["problems"] = problems
-    return report
+    return problems
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The report as text for people."""
+    """The report as text for people.
+
+    Args:
+        report: what :func:`check_ensemble` returned.
+
+    Returns:
+        Several lines: one per member, alignment, cost, and the problems (or ``ok``).
+    """
     lines = [f"{report['recipe']}: method {report['method']}, primary {report['primary']}, "
              f"{'one vocabulary' if report['one_vocabulary'] else 'different vocabularies'}"]
     for m in report["members"]:

@@ -72,11 +72,3 @@ def cascade(logprobs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, tor
     picked = torch.gather(logprobs, 0, chosen[None, ..., None].expand(1, *logprobs.shape[1:]))[0]
     return picked, chosen
 
-
-def choose(logprobs: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row of ``logprobs (batch, vocab)``: argmax at temperature 0, else a seeded
-    sample from ``softmax(logprobs / temperature)`` (drawn on the CPU, so devices agree)."""
-    if temperature <= 0:
-        return logprobs.argmax(dim=-1)
-    probs = torch.softmax(logprobs.double().cpu() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(logprobs.device)

@@ -9,16 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from fusekit.errors import FusekitError
+from fusekit.io.userfiles import DATA_LIMIT, LINE_LIMIT, read_user_text
 from fusekit.io.writer import write_error
 
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a JSON lines file: ``{"prompt": ...}`` (or ``"text"``) objects or JSON strings;
     blank lines are skipped. One-line errors for a missing, empty or malformed file."""
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device exists: read_user_text refuses it by name
         raise FusekitError(f"prompts file {path} does not exist; pass a JSON lines file to --prompts")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = read_user_text(path, what="prompts file", limit=DATA_LIMIT, max_line_bytes=LINE_LIMIT)
+        lines = text.splitlines()
     except UnicodeDecodeError:
         raise FusekitError(f"prompts file {path} is not UTF-8 text") from None
     prompts = []
@@ -50,7 +52,9 @@ def answer_record(answer: Any) -> dict[str, Any]:
 
 def write_answers(path: Path, answers: list[Any]) -> None:
     """Write answers as JSON lines to a sibling temp file, then rename it into place."""
-    path = Path(path)
+    from fusekit.io.outputs import check_out_file
+
+    path = check_out_file(path)
     temp = path.with_name(f".{path.name}.fusekit-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with temp.open("w", encoding="utf-8") as handle:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import bisect
 import codecs
 import hashlib
-import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fusekit.lm.decode import cache_keyword
 from fusekit.lm.load import LoadedLM
 
 EOS_KEY = "<eos>"
@@ -169,19 +169,6 @@ class Member:
         return max_context(self.lm)
 
 
-def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    """The keyword a model's forward takes its KV cache by (``cache`` in newer transformers)."""
-    name = _CACHE_KEYWORD.get(type(model))
-    if name is None:
-        params = inspect.signature(model.forward).parameters
-        name = "cache" if "cache" in params else "past_key_values"
-        _CACHE_KEYWORD[type(model)] = name
-    return {name: cache}
-
-
-_CACHE_KEYWORD: dict[type, str] = {}
-
-
 def crop_cache(cache: Any, current: int, keep: int) -> Any:
     """Drop cached positions beyond ``keep``; None when nothing is kept."""
     if keep <= 0:
@@ -328,10 +315,11 @@ class TextStream:
             self.cached = len(self.ids) - 1 if self.cache is not None else 0
         new = torch.tensor([self.ids[self.cached:]], device=self.lm.device)
         positions = torch.arange(self.cached, len(self.ids), device=self.lm.device)[None]
+        keyword = cache_keyword(self.lm.model)
         with torch.inference_mode():
             out = self.lm.model(input_ids=new, position_ids=positions, use_cache=True,
-                                **cache_kwargs(self.lm.model, self.cache))
+                                **{keyword: self.cache})
         self.forwarded_tokens += new.shape[1]
-        self.cache, self.cached = out.past_key_values, len(self.ids)
+        self.cache, self.cached = getattr(out, keyword), len(self.ids)
         self._logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         return self._logprobs

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fusekit.recipe.load import Location, RecipeSource, load_recipe, parse_recipe, suggest
+from fusekit.recipe.numbers import Seed
 from fusekit.recipe.schema import DType, ModelRefText
 
 SAME_VOCAB_METHODS = ("prob_avg", "logit_avg", "cascade")
@@ -41,7 +42,7 @@ class GenerationConfig(_Strict):
 
     max_new_tokens: int = Field(default=64, ge=1, le=100_000)
     temperature: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    seed: int = 0
+    seed: Seed = 0
     stop_at_eos: bool = True
 
 
@@ -120,7 +121,21 @@ PARAMS: dict[str, type[_Strict]] = {
 
 
 class EnsembleRecipe(_Strict):
-    """A whole ensemble recipe (``fusekit ensemble``)."""
+    """A whole ensemble recipe (``fusekit ensemble``).
+
+    Attributes:
+        models: the members, each a model reference and a weight (> 0).
+        method: how they are combined (see :mod:`fusekit.ensemble.methods`).
+        primary: index of the member whose tokenizer reads prompts and text.
+        parameters: the method's parameters (checked against its typed model when the recipe loads).
+        generation: defaults for ``generate``.
+        dtype: the dtype members are loaded in.
+
+    Example:
+        >>> recipe, _ = parse_ensemble_recipe("models:\\n  - model: a\\n  - model: b\\nmethod: logit_avg\\n")
+        >>> recipe.weights()
+        [0.5, 0.5]
+    """
 
     models: list[EnsembleMember] = Field(min_length=1)
     method: Method = "prob_avg"
@@ -130,15 +145,28 @@ class EnsembleRecipe(_Strict):
     dtype: DType = "float32"
 
     def params(self) -> Any:
-        """The method's parameters as its typed model (validated when the recipe loaded)."""
+        """The method's parameters as its typed model (validated when the recipe loaded).
+
+        Returns:
+            An instance of the method's parameter model, e.g. :class:`TopkUnionParams`.
+        """
         return PARAMS[self.method].model_validate(self.parameters)
 
     def weights(self) -> list[float]:
-        """Member weights normalised to sum to 1."""
+        """Member weights normalised to sum to 1.
+
+        Returns:
+            One weight per member, in recipe order.
+        """
         total = sum(m.weight for m in self.models)
         return [m.weight / total for m in self.models]
 
     def refs(self) -> list[str]:
+        """The members' model references, in recipe order.
+
+        Returns:
+            Each ``models[i].model`` as written.
+        """
         return [m.model for m in self.models]
 
 
@@ -176,10 +204,36 @@ def check_ensemble_recipe(recipe: EnsembleRecipe) -> list[tuple[Location, str]]:
 
 
 def load_ensemble_recipe(path: Path | str) -> tuple[EnsembleRecipe, RecipeSource]:
-    """Read, parse and validate an ensemble recipe; raise RecipeError naming file and line."""
+    """Read, parse and validate an ensemble recipe.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The recipe and its source (for error messages with file and line).
+
+    Raises:
+        RecipeError: every problem found, one line each as ``file:line:col key: message``.
+    """
     return load_recipe(path, EnsembleRecipe, check_ensemble_recipe)
 
 
 def parse_ensemble_recipe(text: str, name: str = "<recipe>") -> tuple[EnsembleRecipe, RecipeSource]:
-    """Like :func:`load_ensemble_recipe` for YAML text held in memory."""
+    """Like :func:`load_ensemble_recipe` for YAML text held in memory.
+
+    Args:
+        text: the YAML text.
+        name: the name error messages give the text.
+
+    Returns:
+        The recipe and its source.
+
+    Raises:
+        RecipeError: the recipe is invalid (one line naming ``name``, line and key).
+
+    Example:
+        >>> recipe, _ = parse_ensemble_recipe("models:\\n  - model: ./a\\nmethod: prob_avg\\n")
+        >>> recipe.method
+        'prob_avg'
+    """
     return parse_recipe(text, name, EnsembleRecipe, check_ensemble_recipe)

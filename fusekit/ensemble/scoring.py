@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from fusekit.ensemble import combine
+from fusekit.ensemble.base import CrossMethod, TokenMethod
 from fusekit.ensemble.cascade import CascadeStats
 from fusekit.ensemble.engine import Ensemble
 from fusekit.ensemble.members import Member, TextStream, longest_complete_prefix
@@ -46,13 +47,29 @@ def score_ensemble(ens: Ensemble, text: str, *, context: int | None = None, stri
                    members: bool = True) -> EnsembleScore:
     """Score ``text`` with the ensemble and (``members=True``) each member alone.
 
+    Args:
+        ens: a loaded ensemble whose method gives a full distribution.
+        text: the text; bits per byte are over its UTF-8 bytes.
+        context: longest window in tokens (default: the primary's, capped at 1024, and no longer
+            than any same-tokenizer member's context).
+        stride: how far each further window moves (default ``context // 2``).
+        members: also score each member alone, with the same window where it fits.
+
+    Returns:
+        The ensemble's :class:`~fusekit.lm.score.TextScore`, each member's, and method statistics
+        (``positions``, ``escalation_rate``, ``ensembled_share``, ``abstained`` where they apply).
+
     Raises:
         FusekitError: empty text, a method without token probabilities (``topk_union``, ``vote``,
             ``mbr``), or a primary tokenizer that does not spell the text byte for byte.
+
+    Example:
+        >>> ens = load_ensemble("configs/ensemble/prob_avg.yaml")
+        >>> score_ensemble(ens, "def f(x):\\n    return x\\n").ensemble.bits_per_byte
     """
     if not text:
         raise FusekitError("the text is empty; there is nothing to score")
-    if ens.method in ("topk_union", "vote", "mbr"):
+    if not ens.spec.distribution:
         raise FusekitError(f"method {ens.method} picks tokens or answers without a full distribution, so it "
                            "has no bits per byte; score the same models with method: union or prob_avg")
     primary = ens.primary_member
@@ -68,17 +85,8 @@ def score_ensemble(ens: Ensemble, text: str, *, context: int | None = None, stri
     if others and b"".join(p or b"" for p in pieces) != data:
         raise FusekitError(f"the primary '{primary.ref}' tokenizer does not spell the text byte for byte "
                            "(it normalises it), so other tokenizers cannot follow it; choose another primary")
-    start = primary.vocab.start_id
     width = min(m.vocab.width for m in same)
-    if start is not None:
-        seq, first_cost = [start, *ids], 0.0
-    else:
-        seq, first_cost = ids, math.log(width)
-    offsets = [0]  # byte offset of the text before seq[j]
-    if start is not None:
-        offsets.append(0)
-    for p in (pieces if start is not None else pieces[:-1]):
-        offsets.append(offsets[-1] + len(p or b""))
+    seq, offsets, first_cost = _sequence(primary.vocab.start_id, ids, pieces, width)
     scorer = _Scorer(ens, same, others, data, width)
     nll = first_cost
     cursor = 1  # windows score positions 1, 2, ... of seq in order, each exactly once
@@ -92,14 +100,34 @@ def score_ensemble(ens: Ensemble, text: str, *, context: int | None = None, stri
     return result
 
 
+def _sequence(start: int | None, ids: list[int], pieces: list[bytes | None],
+              width: int) -> tuple[list[int], list[int], float]:
+    """The scored sequence (the start token, if any, then ``ids``), the byte offset of the text before
+    each of its tokens, and the cost of the first token (``ln(width)`` when there is no start token)."""
+    if start is not None:
+        seq, first_cost = [start, *ids], 0.0
+    else:
+        seq, first_cost = ids, math.log(width)
+    offsets = [0]  # byte offset of the text before seq[j]
+    if start is not None:
+        offsets.append(0)
+    for p in (pieces if start is not None else pieces[:-1]):
+        offsets.append(offsets[-1] + len(p or b""))
+    return seq, offsets, first_cost
+
+
 class _Scorer:
+    """Scores windows of one text with the ensemble's method; keeps the method's statistics (it has
+    the :class:`~fusekit.ensemble.base.Counters` fields)."""
+
     def __init__(self, ens: Ensemble, same: list[Member], others: list[Member], data: bytes,
                  width: int) -> None:
         self.ens, self.same, self.others, self.data, self.width = ens, same, others, data, width
         self.streams = {m.index: TextStream(m) for m in others}
-        self.cascade = CascadeStats([0] * len(ens.members)) if ens.method == "cascade" else None
+        self.cascade: CascadeStats | None = None
         self.positions = 0
-        self.ensembled = 0
+        self.gated_steps = 0
+        self.ensembled_steps = 0
         self.abstained = 0
 
     def details(self) -> dict[str, Any]:
@@ -108,7 +136,7 @@ class _Scorer:
             out["escalation_rate"] = round(self.cascade.escalation_rate, 4)
             out["answered_by"] = self.cascade.answered
         if getattr(self.ens.params, "gate", None) is not None:
-            out["ensembled_share"] = round(self.ensembled / max(1, self.positions), 4)
+            out["ensembled_share"] = round(self.ensembled_steps / max(1, self.positions), 4)
         if self.others:
             out["abstained"] = self.abstained  # member-positions a tokenizer could not follow
         return out
@@ -121,36 +149,30 @@ class _Scorer:
         targets = torch.tensor([ids[r + 1] for r in rows])
         idx = torch.tensor(list(rows))
         self.positions += len(idx)
-        primary_lp = lps[ens.primary][idx]
-        gate = getattr(ens.params, "gate", None)
-        if ens.method == "cascade":
+        if ens.spec.family == "same":
+            method = cast(TokenMethod, ens.method_impl)
             stacked = torch.stack([lps[m.index][idx] for m in ens.members])
-            picked, chosen = combine.cascade(stacked, ens.params.threshold)
-            assert self.cascade is not None
-            self.cascade.add(chosen)
-            return float(-picked.gather(-1, targets[:, None]).double().sum())
-        if ens.method in ("prob_avg", "logit_avg"):
-            stacked = torch.stack([lps[m.index][idx] for m in ens.members])
-            w = torch.tensor(ens.weights)
-            mixed = (combine.prob_avg if ens.method == "prob_avg" else combine.logit_avg)(stacked, w)
-            final = combine.gate(primary_lp, mixed, gate)
-            if gate is not None:
-                self.ensembled += int((~combine.confident(primary_lp, gate)).sum())
+            final = method.score(stacked, torch.tensor(ens.weights), ens.primary, self)
             return float(-final.gather(-1, targets[:, None]).double().sum())
-        return self._cross(lps, idx, targets, [offsets[r + 1] for r in rows], primary_lp, gate)
+        return self._cross(lps, idx, targets, [offsets[r + 1] for r in rows])
 
     def _cross(self, lps: dict[int, torch.Tensor], idx: torch.Tensor, targets: torch.Tensor,
-               offsets: list[int], primary_lp: torch.Tensor, gate: float | None) -> float:
-        ens = self.ens
+               offsets: list[int]) -> float:
+        """Different vocabularies: gated positions pay the primary's price, the others go to the method
+        with every member's probabilities (a member abstains where its tokenizer cannot follow)."""
+        method = cast(CrossMethod, self.ens.method_impl)
+        primary_lp = lps[self.ens.primary][idx]
         total = 0.0
-        relative_probs: list[dict[int, torch.Tensor]] = []
-        relative_targets: list[int] = []
+        rows: list[dict[int, torch.Tensor]] = []
+        row_targets: list[int] = []
         for k, offset in enumerate(offsets):
             target = int(targets[k])
-            if gate is not None and bool(combine.confident(primary_lp[k], gate)):
-                total -= float(primary_lp[k, target])
-                continue
-            self.ensembled += gate is not None
+            if method.gate is not None:
+                self.gated_steps += 1
+                if bool(combine.confident(primary_lp[k], method.gate)):
+                    total -= float(primary_lp[k, target])
+                    continue
+                self.ensembled_steps += 1
             prefix = self.data[:offset]
             cut = longest_complete_prefix(prefix)
             text, pending = prefix[:cut].decode("utf-8"), prefix[cut:]
@@ -161,39 +183,10 @@ class _Scorer:
                     probs[m.index] = stream.logprobs().exp().cpu()
                 else:
                     self.abstained += 1
-            weights = ens.cross_weights(list(probs))
-            if ens.method == "union":
-                piece = ens.primary_member.vocab.pieces[target] or b""
-                p = 0.0
-                for i, w in weights.items():
-                    vocab = ens.members[i].vocab
-                    token = target if vocab.fingerprint == ens.primary_member.vocab.fingerprint \
-                        else vocab.by_bytes.get(piece)
-                    p += w * (float(probs[i][token]) if token is not None else 0.0)
-                total -= math.log(max(p, 1e-300))
-            else:
-                relative_probs.append(probs)
-                relative_targets.append(target)
-        if relative_probs:
-            total -= self._relative(relative_probs, relative_targets)
-        return total
-
-    def _relative(self, rows: list[dict[int, torch.Tensor]], targets: list[int]) -> float:
-        """Summed log-probability of ``targets`` under the relative aggregate, positions batched by which
-        members took part (a member abstains where its tokenizer cannot follow)."""
-        ens = self.ens
-        aligner = ens._relative
-        assert aligner is not None
-        p = ens.params
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for k, row in enumerate(rows):
-            groups.setdefault(tuple(sorted(row)), []).append(k)
-        total = 0.0
-        for present, ks in groups.items():
-            probs = {i: torch.stack([rows[k][i] for k in ks]) for i in present}
-            logp = aligner.aggregate(probs, ens.cross_weights(present), steps=p.steps,
-                                     learning_rate=p.learning_rate, candidates=p.candidates)
-            total += float(logp.gather(-1, torch.tensor([targets[k] for k in ks])[:, None]).double().sum())
+            rows.append(probs)
+            row_targets.append(target)
+        if rows:
+            total -= method.score_rows(rows, row_targets)
         return total
 
 

@@ -12,6 +12,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 _SPACE = re.compile(r"\s+")
 
@@ -85,3 +86,35 @@ def mbr(answers: Sequence[str], weights: Sequence[float], utility: str = "chrf")
         expected.append(value / total if total > 0 else 1.0)
     best = max(range(len(answers)), key=lambda i: (expected[i], -i))
     return best, expected
+
+
+@dataclass(frozen=True)
+class VoteMethod:
+    """``vote``: the answer with the largest total weight after :func:`normalise`.
+
+    Attributes:
+        samples: answers each member writes.
+    """
+
+    samples: int = 1
+
+    def pick(self, answers: Sequence[str], weights: Sequence[float]) -> int:
+        """See :meth:`fusekit.ensemble.base.AnswerMethod.pick`."""
+        return majority(answers, weights)
+
+
+@dataclass(frozen=True)
+class MbrMethod:
+    """``mbr``: the answer with the highest expected ``utility`` against the others (:func:`mbr`).
+
+    Attributes:
+        samples: answers each member writes.
+        utility: ``chrf`` or ``token_f1``.
+    """
+
+    samples: int = 1
+    utility: str = "chrf"
+
+    def pick(self, answers: Sequence[str], weights: Sequence[float]) -> int:
+        """See :meth:`fusekit.ensemble.base.AnswerMethod.pick`."""
+        return mbr(answers, weights, self.utility)[0]

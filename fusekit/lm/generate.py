@@ -11,18 +11,29 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 
 from fusekit.errors import FusekitError
+from fusekit.lm.decode import CachedModel, TokenBatch, decode_loop
 from fusekit.lm.load import LoadedLM
 from fusekit.lm.score import encode
 
 
 def prompt_ids(lm: LoadedLM, prompt: str) -> list[int]:
-    """``[BOS] + tokens of prompt`` (BOS only when the tokenizer has one)."""
+    """``[BOS] + tokens of prompt`` (BOS only when the tokenizer has one).
+
+    Args:
+        lm: a model loaded with its tokenizer.
+        prompt: the prompt text (tokenised without other special tokens).
+
+    Returns:
+        The prompt's token ids.
+
+    Raises:
+        FusekitError: the prompt gives no tokens and the tokenizer has no BOS token.
+    """
     assert lm.tokenizer is not None
     bos = lm.tokenizer.bos_token_id
     ids = ([bos] if isinstance(bos, int) else []) + encode(lm, prompt)
@@ -31,23 +42,11 @@ def prompt_ids(lm: LoadedLM, prompt: str) -> list[int]:
     return ids
 
 
-def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> torch.Tensor:
-    """Greedy (temperature 0) or a sample from softmax(logits / temperature); (batch, vocab) → (batch,)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(logits.device)
-
-
-def _cache_argument(lm: LoadedLM) -> str:
-    """transformers 5 calls the KV cache ``cache``; earlier versions ``past_key_values``."""
-    params = inspect.signature(lm.model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def generate_ids(lm: LoadedLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                  temperature: float = 0.0, seed: int = 0, stop_at_eos: bool = True) -> list[list[int]]:
     """New token ids for each prompt (token ids), decoded together with one KV cache.
+
+    The decode loop and the sampler are :mod:`fusekit.lm.decode`'s, the ones ensembles use.
 
     Args:
         lm: a loaded model.
@@ -59,6 +58,14 @@ def generate_ids(lm: LoadedLM, prompts: Sequence[Sequence[int]], *, max_new_toke
 
     Returns:
         The generated ids per prompt (without the prompt).
+
+    Raises:
+        FusekitError: a negative ``max_new_tokens`` or ``temperature``, or an empty prompt.
+
+    Example:
+        >>> new = generate_ids(lm, [prompt_ids(lm, "def f(")], max_new_tokens=4)
+        >>> len(new[0]) <= 4
+        True
     """
     if max_new_tokens < 0 or temperature < 0:
         raise FusekitError(f"max_new_tokens ({max_new_tokens}) and temperature ({temperature}) "
@@ -68,44 +75,38 @@ def generate_ids(lm: LoadedLM, prompts: Sequence[Sequence[int]], *, max_new_toke
     if any(len(p) == 0 for p in prompts):
         raise FusekitError("a prompt has no tokens; give it text or use a tokenizer with a BOS token")
     eos = lm.tokenizer.eos_token_id if (lm.tokenizer is not None and stop_at_eos) else None
-    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.long)
-    for row, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-        ids[row, width - len(p):] = torch.tensor(list(p))
-        mask[row, width - len(p):] = 1
-    ids, mask = ids.to(lm.device), mask.to(lm.device)
-    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-    out: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    cache = None
-    cache_arg = _cache_argument(lm)
-    step_ids, step_positions = ids, positions
-    with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            result = lm.model(input_ids=step_ids, attention_mask=mask, position_ids=step_positions,
-                              use_cache=True, **{cache_arg: cache})
-            cache = getattr(result, cache_arg)
-            chosen = _pick(result.logits[:, -1], temperature, gen)
-            for row, token in enumerate(chosen.tolist()):
-                if not done[row]:
-                    out[row].append(token)
-                    done[row] = eos is not None and token == eos
-            if bool(done.all()):
-                break
-            step_ids = chosen[:, None]
-            step_positions = step_positions[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-    return out
+    batch = TokenBatch(prompts, max_new_tokens, pad=0, device=lm.device)
+    model = CachedModel(lm.model, batch)
+    return decode_loop(batch, lambda done: model.logits(), max_new_tokens=max_new_tokens,
+                       temperature=temperature, generator=torch.Generator().manual_seed(seed),
+                       eos=eos if isinstance(eos, int) else None)
 
 
 def generate(lm: LoadedLM, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.0,
              seed: int = 0, stop_at_eos: bool = True, batch_size: int = 8) -> list[str]:
     """Continue each prompt; returns the new text only (special tokens dropped).
 
-    Same arguments as :func:`generate_ids`; ``batch_size`` prompts are decoded together (a
-    prompt's greedy continuation does not depend on the batch it is in).
+    ``batch_size`` prompts are decoded together (a prompt's greedy continuation does not depend on
+    the batch it is in); the prompts from index ``i`` on are sampled with seed ``seed + i`` where
+    ``i`` is a multiple of ``batch_size``.
+
+    Args:
+        lm: a model loaded with its tokenizer.
+        prompts: the prompt texts (see :func:`prompt_ids`).
+        max_new_tokens: most tokens added per prompt.
+        temperature: 0 for greedy decoding, else sampling from softmax(logits / temperature).
+        seed: seeds the sampler.
+        stop_at_eos: stop a prompt at the tokenizer's EOS token.
+        batch_size: prompts decoded together.
+
+    Returns:
+        The new text of each prompt.
+
+    Raises:
+        FusekitError: no tokenizer, a batch size below 1, or bad arguments (see :func:`generate_ids`).
+
+    Example:
+        >>> texts = generate(lm, ["def fib(", "import "], max_new_tokens=16, temperature=0.7, seed=1)
     """
     if lm.tokenizer is None:
         raise FusekitError(f"model '{lm.ref}' was loaded without a tokenizer; generating text needs one")
