@@ -37,8 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"make_demo_experts.py: {' and '.join(missing)} not installed; install fusekit with the "
               "'lm' extra: pip install 'fusekit[lm]'", file=sys.stderr)
         return 2
+    from fusekit.demo import build_demo_experts, evaluate_experts
     from fusekit.errors import FusekitError
-    from fusekit.lm.experts import build_demo_experts, evaluate_experts
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

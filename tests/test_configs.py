@@ -28,7 +28,7 @@ def demo_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     build_demo_models(root / "demo-out" / "models", hidden_size=32, num_layers=4,
                       num_attention_heads=4, num_key_value_heads=2)
-    from fusekit.lm.experts import build_demo_experts  # quick experts: same layout as the full set
+    from fusekit.demo import build_demo_experts  # quick experts: same layout as the full set
 
     build_demo_experts(root / "demo-out" / "experts", quick=True)
     shutil.copytree(ROOT / "configs", root / "configs")

@@ -12,9 +12,10 @@ import pytest
 from safetensors.torch import load_file
 
 import fusekit
+from fusekit.demo import DOMAINS, QUICK, ExpertSet, build_demo_experts, evaluate_experts, load_expert_set
+from fusekit.demo.corpora import SOURCES, pick_examples, split_documents
 from fusekit.errors import OutputExistsError
 from fusekit.lm import load_lm, score_text
-from fusekit.lm.experts import DOMAINS, QUICK, ExpertSet, _examples, build_demo_experts, load_expert_set
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,9 +93,7 @@ def test_router_data(experts: ExpertSet) -> None:
 def test_four_groups_are_disjoint() -> None:
     """Training text, held-out text, router-train and router-test prompts come from distinct documents,
     and no router prompt occurs in any expert's training text."""
-    from fusekit.lm.experts import _SOURCES, _examples, _split
-
-    corpora = {d: _split(_SOURCES[d](QUICK.doc_bytes), QUICK, d) for d in DOMAINS}
+    corpora = {d: split_documents(SOURCES[d](QUICK.doc_bytes), QUICK, d) for d in DOMAINS}
     groups = ("train", "heldout", "router", "pool")
     for domain, corpus in corpora.items():
         docs = {g: getattr(corpus, g) for g in groups}
@@ -105,17 +104,17 @@ def test_four_groups_are_disjoint() -> None:
                 assert owners.setdefault(doc, group) == group, (domain, group, owners[doc])
         assert sum(map(len, docs["train"])) >= QUICK.train_bytes
         assert sum(map(len, docs["router"])) >= QUICK.router_bytes
-    # _examples drops a piece that occurs in the text it must not overlap, and only such a piece
-    assert not _examples(["a line that is long enough\n" * 4], 3, 20, unseen="a line that is long enough\n")
-    assert _examples(["a line that is long enough\n" * 4], 3, 20, unseen="other text\n")
+    # pick_examples drops a piece that occurs in the text it must not overlap, and only such a piece
+    line = "a line that is long enough\n"
+    assert not pick_examples([line * 4], 3, 20, unseen=line)
+    assert pick_examples([line * 4], 3, 20, unseen="other text\n")
 
 
 def test_router_prompts_never_trained_on(experts: ExpertSet) -> None:
     """No prompt of data/train.jsonl or data/test.jsonl occurs in the text the experts trained on
     (rebuilt from the same sources)."""
-    from fusekit.lm.experts import _SOURCES, _split
-
-    trained = "\n".join(doc for d in DOMAINS for doc in _split(_SOURCES[d](QUICK.doc_bytes), QUICK, d).train)
+    trained = "\n".join(doc for d in DOMAINS
+                         for doc in split_documents(SOURCES[d](QUICK.doc_bytes), QUICK, d).train)
     prompts = [r["text"] for name in ("train", "test") for r in _lines(experts.data[name])]
     assert len(prompts) == len(DOMAINS) * (QUICK.train_examples + QUICK.test_examples)
     assert not [p for p in prompts if p in trained]
@@ -154,8 +153,6 @@ def test_same_tokenizer_experts_merge_and_score(experts: ExpertSet, tmp_path: Pa
 
 def test_a_short_training_already_specialises(tmp_path: Path) -> None:
     """40 steps of the tiny model: each tokenizer-A expert is best of the three on its own domain."""
-    from fusekit.lm.experts import evaluate_experts
-
     built = build_demo_experts(tmp_path / "x", sizes=dataclasses.replace(QUICK, steps=40, batch=8),
                                workers=1)
     table = evaluate_experts(built)
@@ -195,7 +192,7 @@ def test_script_without_transformers_says_so(tmp_path: Path, monkeypatch: pytest
 def test_router_prompts_name_the_first_document_they_come_from() -> None:
     line = "x = 1  # the same line in two files\n"
     documents = ["".join(f"doc{d} line {i}\n" for i in range(40)) + line * 3 for d in range(3)]
-    pieces = _examples(documents, 8, 40)
+    pieces = pick_examples(documents, 8, 40)
     assert 0 < len(pieces) <= 8 and len({p for p, _ in pieces}) == len(pieces)
     for piece, index in pieces:
         assert piece in documents[index]

@@ -23,11 +23,11 @@ from fusekit.route import build_router, evaluate_router, load_examples, load_rou
 from fusekit.route.build import fold_groups, fold_indices
 from fusekit.route.data import Example, RouteDataError
 from fusekit.route.features import Embedding, FeatureError, Hidden, Tfidf, _mean_pool, _NgramTrie
+from fusekit.route.fitted import fit_router
 from fusekit.route.labels import LabelError, Scores, loss_labels, score_matrix
 from fusekit.route.policy import calibrate, choose, choose_one, cost_order, dear_share_tail, tails
 from fusekit.route.recipe import KnnRouter, LogisticRouter, MfRouter, MlpRouter, parse_route_recipe
 from fusekit.route.router import RouterFolderError
-from fusekit.route.routers import fit_router
 
 ROUTERS = [KnnRouter(type="knn"), LogisticRouter(type="logistic", epochs=150),
            MlpRouter(type="mlp", epochs=150), MfRouter(type="mf", epochs=150)]
@@ -504,7 +504,7 @@ def test_one_model_router_needs_no_labels(models: dict[str, Path], tmp_path: Pat
     recipe.write_text(f"models:\n  - model: {models['c']}\ndata: {data}\n", encoding="utf-8")
     build_router(recipe, tmp_path / "out")
     router = load_router(tmp_path / "out")
-    assert (router.choose(["anything", "at all"], threshold=0.0) == 0).all()
+    assert (router.route_indices(["anything", "at all"], threshold=0.0) == 0).all()
 
 
 def test_not_a_router_folder(tmp_path: Path, models: dict[str, Path]) -> None:
@@ -553,7 +553,7 @@ def test_loss_labels_and_evaluation_against_independent_scores(models: dict[str,
     assert report.oracle == pytest.approx(float(scores.nll_bits.min(1).values.sum() / scores.n_bytes.sum()),
                                           rel=1e-4)
     assert report.oracle <= min(report.single.values()) + 1e-9 and report.oracle <= report.routed + 1e-9
-    chosen = load_router(tmp_path / "router").choose([e.query for e in examples])
+    chosen = load_router(tmp_path / "router").route_indices([e.query for e in examples])
     per_example = scores.bits_per_byte
     near = [per_example[i, int(c)] <= 1.01 * per_example[i].min() for i, c in enumerate(chosen)]
     assert report.near_oracle == pytest.approx(sum(near) / len(near))

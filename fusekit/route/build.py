@@ -11,12 +11,14 @@ from pathlib import Path
 
 import torch
 
-from fusekit.io.refs import resolve_model
+from fusekit.io.outputs import claim_output, model_inputs
+from fusekit.io.refs import ResolvedModel, resolve_model
 from fusekit.io.writer import atomic_output, check_output_folder
 from fusekit.recipe.load import read_recipe_text
 from fusekit.route.calibration import calibrate_on_queries, read_queries
 from fusekit.route.data import Example, load_examples
 from fusekit.route.features import make_featurizer
+from fusekit.route.fitted import fit_router
 from fusekit.route.labels import (
     LabelError,
     Scores,
@@ -27,16 +29,22 @@ from fusekit.route.labels import (
     score_matrix,
 )
 from fusekit.route.policy import DEFAULT_THRESHOLD, calibrate, cheap_group, choose, cost_order
-from fusekit.route.recipe import RouteRecipe, load_route_recipe
-from fusekit.route.router import RoutedModel, Router, save_router
-from fusekit.route.routers import RouterSpec, fit_router
+from fusekit.route.recipe import RouteRecipe, RouterSpec, load_route_recipe
+from fusekit.route.router import CONFIG_FILE, RoutedModel, Router, save_router
 
+ROUTER_MARKERS = (CONFIG_FILE, "fusekit.lock")  # a folder holding one is a router fusekit wrote
 log = logging.getLogger("fusekit")
 
 
 @dataclass(frozen=True)
 class BuildResult:
-    """The saved router and what building it measured."""
+    """The saved router and what building it measured (what :func:`build_router` returns).
+
+    Attributes:
+        out_dir: the router folder written.
+        router: the router, as saved (``router.info`` holds the training and calibration summary).
+        seconds: wall time of the build.
+    """
 
     out_dir: Path
     router: Router
@@ -132,6 +140,21 @@ def _calibrate(parsed: RouteRecipe, router: Router, examples: list[Example], x: 
     return calibration
 
 
+def _labels_in_cost_order(parsed: RouteRecipe, examples: list[Example], *, device: str
+                          ) -> tuple[torch.Tensor, Scores | None, torch.Tensor, list[int]]:
+    """The best-model labels, the scores behind them, each model's label count (float64) and the
+    models' cost order (equal costs: fewer wins first; loss labels then give ties to the cheaper)."""
+    costs = [m.cost for m in parsed.models]
+    provisional = cost_order(costs, [0.0] * len(costs))
+    labels, scores = make_labels(parsed, examples, provisional, device=device, data=parsed.data)
+    require_two_classes(labels, parsed.names, parsed.labels.method)
+    counts = torch.bincount(labels, minlength=len(parsed.names)).double()
+    order = cost_order(costs, (counts / counts.sum()).tolist())
+    if scores is not None and parsed.labels.method == "loss":  # ties go to the cheaper model
+        labels = loss_labels(scores, order)
+    return labels, scores, counts, order
+
+
 def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
                  device: str = "cpu") -> BuildResult:
     """Build the router a recipe describes and save it in ``out_dir`` (written atomically).
@@ -142,6 +165,15 @@ def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = F
         overwrite: replace an existing non-empty ``out_dir``.
         device: where models run for labels and features (``cpu``, ``cuda``, ``auto``).
 
+    Returns:
+        A :class:`BuildResult`: the folder, the router and the build's wall time.
+
+    Raises:
+        RecipeError: the recipe is invalid (one line naming the file, line and key).
+        RouteDataError: a data or calibration file is missing or malformed.
+        LabelError: the labels give fewer than two classes, or fewer groups than folds.
+        OutputExistsError: ``out_dir`` is not empty and ``overwrite`` is not set.
+
     Example:
         >>> build_router("configs/route/tfidf-knn.yaml", "./router")  # doctest: +SKIP
     """
@@ -150,21 +182,28 @@ def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = F
     check_output_folder(out_dir, overwrite=overwrite)
     recipe_path = Path(recipe)
     parsed, _ = load_route_recipe(recipe_path)
-    names = parsed.names
     resolved = [resolve_model(m.model) for m in parsed.models]  # fail early on a missing model
+    inputs = [*model_inputs(resolved), ("recipe", recipe_path), ("data", Path(parsed.data))]
+    if parsed.calibrate is not None and parsed.calibrate.data is not None:
+        inputs.append(("calibration data", Path(parsed.calibrate.data)))
+    # Held for the whole build (minutes of scoring), so a second build aimed here refuses at once.
+    with claim_output(out_dir, inputs=inputs, overwrite=overwrite, markers=ROUTER_MARKERS):
+        router = _fit(parsed, resolved, device=device)
+        with atomic_output(out_dir, overwrite=overwrite) as temp:
+            save_router(router, temp, name=out_dir.name, recipe_text=read_recipe_text(recipe_path))
+    return BuildResult(out_dir, router, time.perf_counter() - start)
+
+
+def _fit(parsed: RouteRecipe, resolved: Sequence[ResolvedModel], *, device: str) -> Router:
+    """Label the data, fit features and router, calibrate the threshold: the router to save."""
+    names = parsed.names
     examples = load_examples(parsed.data, models=names)
     calibration_data = parsed.calibrate.data if parsed.calibrate is not None else None
     calibration_queries = read_queries(calibration_data) if calibration_data is not None else None
     featurizer = make_featurizer(parsed.features, device=device)
     costs = [m.cost for m in parsed.models]
-    provisional = cost_order(costs, [0.0] * len(costs))
-    labels, scores = make_labels(parsed, examples, provisional, device=device, data=parsed.data)
-    require_two_classes(labels, names, parsed.labels.method)
-    counts = torch.bincount(labels, minlength=len(names)).double()
+    labels, scores, counts, order = _labels_in_cost_order(parsed, examples, device=device)
     strength = (counts / counts.sum()).tolist()
-    order = cost_order(costs, strength)
-    if scores is not None and parsed.labels.method == "loss":  # ties go to the cheaper model
-        labels = loss_labels(scores, order)
     queries = [e.query for e in examples]
     log.info("fitting %s features on %d queries", featurizer.kind, len(queries))
     featurizer.fit(queries)
@@ -184,6 +223,4 @@ def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = F
     calibration = _calibrate(parsed, router, examples, x, labels, scores, calibration_queries, training)
     calibration["threshold"] = router.threshold
     router.info = {"labels": parsed.labels.model_dump(), "training": training, "calibration": calibration}
-    with atomic_output(out_dir, overwrite=overwrite) as temp:
-        save_router(router, temp, name=out_dir.name, recipe_text=read_recipe_text(recipe_path))
-    return BuildResult(out_dir, router, time.perf_counter() - start)
+    return router

@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusekit.errors import FusekitError
+from fusekit.io.outputs import claim_output
 from fusekit.io.writer import atomic_output
 from fusekit.route.data import load_examples
 from fusekit.route.policy import calibrate
-from fusekit.route.router import Router, load_router, save_router
+from fusekit.route.router import CONFIG_FILE, Router, load_router, save_router
 
 
 def read_queries(data: str | Path) -> list[str]:
@@ -49,6 +50,9 @@ def recalibrate_router(router_dir: str | Path, data: str | Path, share: float,
     target = router_dir if out_dir is None else Path(out_dir)
     recipe = router_dir / "route.yaml"
     recipe_text = recipe.read_text(encoding="utf-8") if recipe.is_file() else None
-    with atomic_output(target, overwrite=overwrite or out_dir is None) as temp:
+    inputs = [("data", Path(data))] + ([("router", router_dir)] if out_dir is not None else [])
+    with claim_output(target, inputs=inputs, overwrite=overwrite or out_dir is None,
+                      markers=(CONFIG_FILE,)), \
+            atomic_output(target, overwrite=overwrite or out_dir is None) as temp:
         save_router(router, temp, name=target.name, recipe_text=recipe_text)
     return router

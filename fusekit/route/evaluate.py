@@ -64,7 +64,13 @@ class CalibrationRow:
 
 @dataclass
 class EvalReport:
-    """Everything ``fusekit route eval`` prints."""
+    """Everything ``fusekit route eval`` prints (what :func:`evaluate_router` returns).
+
+    Bits per byte are pooled over the data (lower is better): ``routed`` with each example scored by
+    the model the router picks, ``oracle`` by the best model for it, ``single`` by each model alone,
+    ``merge`` by a uniform linear merge of ``merge_models`` (None: no two models could be merged).
+    ``table`` holds one row per threshold, ``calibration`` one per requested share.
+    """
 
     router: str
     data: str
@@ -86,16 +92,19 @@ class EvalReport:
 
     @property
     def best_single(self) -> tuple[str, float]:
+        """The name and bits per byte of the best single model."""
         name = min(self.single, key=self.single.__getitem__)
         return name, self.single[name]
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON data, plus ``best_single`` and ``routed_vs_oracle``."""
         out = asdict(self)
         out["best_single"] = dict(zip(("model", "bits_per_byte"), self.best_single, strict=True))
         out["routed_vs_oracle"] = self.routed / self.oracle - 1
         return out
 
     def format_text(self) -> str:
+        """The report as the text ``fusekit route eval`` prints: figures, table, calibration."""
         best, best_bpb = self.best_single
         pct = self.routed / self.oracle - 1
         lines = [f"router {self.router} on {self.data}: {self.examples} examples, threshold "
@@ -168,18 +177,19 @@ def mergeable_group(router: Router) -> list[int]:
 def uniform_merge_column(router: Router, group: Sequence[int], examples: Sequence[Example], *,
                          device: str, batch_size: int,
                          context: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge ``group`` with equal weights (``fusekit.merge``, linear) in a temporary folder and score it."""
-    import yaml
+    """Merge ``group`` with equal weights (``fusekit.merge``, linear) in a temporary folder and score it.
 
+    Returns:
+        The merge's ``(n_examples,)`` bits and ``(n_examples,)`` bytes, as :func:`score_column`.
+    """
     from fusekit.merging import merge
+    from fusekit.recipe.schema import MergeRecipe, ModelEntry
 
+    recipe = MergeRecipe(merge_method="linear", dtype="float32",
+                         models=[ModelEntry(model=router.models[i].folder, parameters={"weight": 1.0})
+                                 for i in group])
     with tempfile.TemporaryDirectory(prefix="fusekit-route-merge-") as tmp:
-        recipe = {"merge_method": "linear", "dtype": "float32",
-                  "models": [{"model": router.models[i].folder, "parameters": {"weight": 1.0}}
-                             for i in group]}
-        path = Path(tmp) / "merge.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-        merge(path, Path(tmp) / "merged", random_seed=0)
+        merge(recipe, Path(tmp) / "merged", random_seed=0)
         return score_column(str(Path(tmp) / "merged"), examples, device=device, batch_size=batch_size,
                             context=context)
 
@@ -201,6 +211,66 @@ def _table_row(router: Router, q: torch.Tensor, scores: Scores, oracle: torch.Te
                     float((chosen == oracle).double().mean()))
 
 
+def _uniform_merge_bpb(router: Router, examples: Sequence[Example], *, device: str, batch_size: int,
+                       context: int | None) -> tuple[float | None, list[str]]:
+    """Pooled bits per byte of a uniform merge of :func:`mergeable_group` and its models' names
+    (None and [] when no two models can be merged)."""
+    group = mergeable_group(router)
+    if not group:
+        return None, []
+    nll, n_bytes = uniform_merge_column(router, group, examples, device=device, batch_size=batch_size,
+                                        context=context)
+    return float(nll.sum() / n_bytes.sum()), [router.models[i].name for i in group]
+
+
+def _given_accuracies(router: Router, examples: Sequence[Example],
+                      chosen: torch.Tensor) -> tuple[float | None, float | None]:
+    """Agreement of ``chosen`` with the data's ``label`` fields and with its ``domain`` fields, each
+    None unless every example has one naming a model."""
+    index = {name: i for i, name in enumerate(router.names)}
+    given = domain = None
+    if all(e.label is not None for e in examples):
+        labels = torch.tensor([index[str(e.label)] for e in examples])
+        given = float((chosen == labels).double().mean())
+    if all(e.extra.get("domain") in index for e in examples):
+        domains = torch.tensor([index[str(e.extra["domain"])] for e in examples])
+        domain = float((chosen == domains).double().mean())
+    return given, domain
+
+
+def _calibration_rows(router: Router, q: torch.Tensor, shares: Sequence[float] | None,
+                      n_eval: int) -> list[CalibrationRow]:
+    """For each requested share (and the recipe's own), the threshold the router's calibration
+    values give it and the share it gives on the evaluation queries' probabilities ``q``."""
+    if not (router.dear_indices() and router.calibration_tail.numel()):
+        return []
+    wanted = list(DEFAULT_SHARES if shares is None else shares)
+    own = router.info.get("calibration", {}).get("share")
+    if own is not None and own not in wanted:
+        wanted.append(own)
+    tail = router.dear_tail(q)
+    n_cal = router.calibration_tail.numel()
+    rows = []
+    for share in sorted(wanted):
+        t = router.threshold_for_share(share)
+        stderr = math.sqrt(share * (1 - share) * (1 / n_cal + 1 / n_eval))
+        rows.append(CalibrationRow(share, t, float((tail > t).double().mean()), stderr))
+    return rows
+
+
+def _merge_comparison(router: Router, examples: Sequence[Example], with_merge: bool, *, device: str,
+                      batch_size: int, context: int | None) -> tuple[float | None, list[str], list[str]]:
+    """The uniform merge's bits per byte, the models merged, and a note when none can be merged."""
+    if not with_merge:
+        return None, [], []
+    merge_bpb, merge_names = _uniform_merge_bpb(router, examples, device=device, batch_size=batch_size,
+                                                context=context)
+    if merge_names:
+        return merge_bpb, merge_names, []
+    return None, [], ["no two models share tokenizer and architecture, so there is no uniform merge to "
+                      "compare with"]
+
+
 def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "cpu",
                     thresholds: Sequence[float] | None = None, shares: Sequence[float] | None = None,
                     with_merge: bool = True, batch_size: int = 8,
@@ -219,6 +289,16 @@ def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "
             merge) and score the merge.
         batch_size: examples per forward pass when scoring.
         context: longest scoring window in tokens (default: the model's, at most 1024).
+
+    Returns:
+        The :class:`EvalReport`.
+
+    Raises:
+        RouterFolderError: ``router_dir`` is not a router folder.
+        RouteDataError: ``data`` is missing or malformed, or a label names no model of the router.
+
+    Example:
+        >>> print(evaluate_router("./router", "test.jsonl").format_text())  # doctest: +SKIP
     """
     router = load_router(router_dir, device=device)
     examples = load_examples(data, models=router.names)
@@ -229,42 +309,13 @@ def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "
     oracle = bpb.argmin(1)
     q = router.probabilities(queries)
     chosen = choose(q, router.order, router.threshold)
-    index = {name: i for i, name in enumerate(router.names)}
-    given = None
-    if all(e.label is not None for e in examples):
-        labels = torch.tensor([index[str(e.label)] for e in examples])
-        given = float((chosen == labels).double().mean())
-    domain = None
-    if all(e.extra.get("domain") in index for e in examples):
-        domains = torch.tensor([index[str(e.extra["domain"])] for e in examples])
-        domain = float((chosen == domains).double().mean())
-    notes: list[str] = []
-    merge_bpb, merge_names = None, []
-    if with_merge:
-        group = mergeable_group(router)
-        if group:
-            nll, n_bytes = uniform_merge_column(router, group, examples, device=device,
-                                                batch_size=batch_size, context=context)
-            merge_bpb = float(nll.sum() / n_bytes.sum())
-            merge_names = [router.models[i].name for i in group]
-        else:
-            notes.append("no two models share tokenizer and architecture, so there is no uniform merge "
-                         "to compare with")
+    given, domain = _given_accuracies(router, examples, chosen)
+    merge_bpb, merge_names, notes = _merge_comparison(router, examples, with_merge, device=device,
+                                                      batch_size=batch_size, context=context)
     rows = sorted(set(DEFAULT_THRESHOLDS if thresholds is None else thresholds) | {router.threshold})
     table = [_table_row(router, q, scores, oracle, t) for t in rows]
-    calibration: list[CalibrationRow] = []
-    if router.dear_indices() and router.calibration_tail.numel():
-        wanted = list(DEFAULT_SHARES if shares is None else shares)
-        own = router.info.get("calibration", {}).get("share")
-        if own is not None and own not in wanted:
-            wanted.append(own)
-        tail = router.dear_tail(q)
-        n_cal = router.calibration_tail.numel()
-        for share in sorted(wanted):
-            t = router.threshold_for_share(share)
-            stderr = math.sqrt(share * (1 - share) * (1 / n_cal + 1 / len(examples)))
-            calibration.append(CalibrationRow(share, t, float((tail > t).double().mean()), stderr))
-    elif not router.dear_indices():
+    calibration = _calibration_rows(router, q, shares, len(examples))
+    if not router.dear_indices():
         notes.append("every model has the same cost, so the dear-call share is always 0")
     return EvalReport(
         router=str(router_dir), data=str(data), examples=len(examples), threshold=router.threshold,

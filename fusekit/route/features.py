@@ -306,12 +306,11 @@ class Embedding(_Standardised):
         if self._loaded is None:
             from fusekit.device import resolve_device
             from fusekit.io.refs import resolve_model
-            from fusekit.lm.load import import_transformers, load_tokenizer
+            from fusekit.lm.load import check_weights, import_transformers, load_tokenizer
 
             try:
                 resolved = resolve_model(self.model)
-                if not resolved.config_path.is_file():
-                    raise FeatureError(f"{resolved.folder} has no config.json")
+                check_weights(resolved)  # config.json and the merge reader's header checks
                 tokenizer = load_tokenizer(self.model, resolved.folder)
             except FusekitError as exc:
                 raise FeatureError(f"features.model: {exc}") from None

@@ -17,6 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from fusekit.io.refs import hub_repo_id, split_revision
 from fusekit.recipe.load import Location, RecipeSource, load_recipe, parse_recipe
+from fusekit.recipe.numbers import Seed
 from fusekit.recipe.schema import ModelRefText
 
 
@@ -160,7 +161,8 @@ class MfRouter(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0.0)
 
 
-Router = Annotated[KnnRouter | LogisticRouter | MlpRouter | MfRouter, Field(discriminator="type")]
+RouterSpec = Annotated[KnnRouter | LogisticRouter | MlpRouter | MfRouter, Field(discriminator="type")]
+"""The recipe's ``router:`` settings, one of four kinds; :func:`fusekit.route.fitted.fit_router` trains it."""
 
 
 class Calibrate(_Strict):
@@ -173,18 +175,19 @@ class Calibrate(_Strict):
 
 
 class RouteRecipe(_Strict):
-    """A whole router recipe."""
+    """A whole router recipe (``fusekit route build``): the models with their costs, the training
+    data, and how to label, featurize, fit and calibrate. Unknown keys are refused."""
 
     models: list[RouteModel] = Field(min_length=1)
     data: str
     labels: Annotated[Labels, BeforeValidator(_method_shorthand)] = Labels()
     features: Annotated[Features, BeforeValidator(_type_shorthand)] = TfidfFeatures(type="tfidf")
-    router: Annotated[Router, BeforeValidator(_type_shorthand)] = KnnRouter(type="knn")
+    router: Annotated[RouterSpec, BeforeValidator(_type_shorthand)] = KnnRouter(type="knn")
     calibrate: Annotated[Calibrate | None, BeforeValidator(_share_shorthand)] = None
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     folds: int = Field(default=5, ge=0)
     fold_block: int = Field(default=25, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("data")
     @classmethod
@@ -206,6 +209,7 @@ class RouteRecipe(_Strict):
 
     @property
     def names(self) -> list[str]:
+        """The models' names (their ``name``, else the reference), in recipe order."""
         return [entry.label for entry in self.models]
 
 
@@ -227,13 +231,43 @@ def _check(recipe: RouteRecipe) -> list[tuple[Location, str]]:
 
 
 def load_route_recipe(path: Path | str) -> tuple[RouteRecipe, RecipeSource]:
-    """Read, parse and validate a router recipe; raise RecipeError naming file and line.
+    """Read, parse and validate a router recipe.
 
     Only the recipe is checked here; models and data are opened by :func:`fusekit.route.build_router`.
+
+    Args:
+        path: the YAML recipe file.
+
+    Returns:
+        The :class:`RouteRecipe` and its source (text and line marks, for messages).
+
+    Raises:
+        RecipeError: the file is missing or invalid; one line naming file, line and key.
+
+    Example:
+        >>> recipe, _ = load_route_recipe("configs/route/tfidf-knn.yaml")  # doctest: +SKIP
+        >>> recipe.names  # doctest: +SKIP
+        ['python', 'c', 'prose']
     """
     return load_recipe(path, RouteRecipe, _check)
 
 
 def parse_route_recipe(text: str, name: str = "<router recipe>") -> tuple[RouteRecipe, RecipeSource]:
-    """Like :func:`load_route_recipe` for YAML text held in memory."""
+    """Like :func:`load_route_recipe` for YAML text held in memory.
+
+    Args:
+        text: the recipe's YAML.
+        name: what messages call it, in place of a file name.
+
+    Returns:
+        The :class:`RouteRecipe` and its source.
+
+    Raises:
+        RecipeError: the text is not a valid router recipe.
+
+    Example:
+        >>> text = "models: [{model: ./a}, {model: ./b, name: b}]\\ndata: train.jsonl\\n"
+        >>> parse_route_recipe(text)[0].names
+        ['a', 'b']
+    """
     return parse_recipe(text, name, RouteRecipe, _check)

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from fusekit.errors import FusekitError
 from fusekit.io.writer import write_json, write_text
 from fusekit.route.features import Featurizer, Tfidf, restore_featurizer
+from fusekit.route.fitted import FittedRouter, one_thread
 from fusekit.route.policy import calibrate, choose, choose_one, dear_share_tail
-from fusekit.route.routers import FittedRouter, one_thread
 from fusekit.version import __version__
 
 FORMAT = "fusekit-router"
@@ -37,16 +37,28 @@ class RouterFolderError(FusekitError, ValueError):
 
 @dataclass(frozen=True)
 class RoutedModel:
-    """A model the router can choose: its name, reference as written, resolved folder and cost."""
+    """A model the router can choose: its name, reference as written, resolved folder and cost.
+
+    Attributes:
+        name: the model's name in the recipe (its ``name``, else the reference).
+        ref: the reference as the recipe wrote it (a folder or ``org/name@rev``).
+        folder: the local folder it resolved to when the router was built.
+        cost: its relative cost per call, from the recipe.
+        strength: the share of the training examples it was the best model for.
+    """
 
     name: str
     ref: str
     folder: str
     cost: float
-    strength: float  # share of the training examples it was the best model for
+    strength: float
 
     def reference(self) -> str:
-        """``ref`` when it still resolves from here, else the folder it resolved to at build time."""
+        """Where to load the model from now.
+
+        Returns:
+            ``ref`` when it still resolves from here, else the folder it resolved to at build time.
+        """
         from fusekit.io.refs import hub_repo_id
 
         if Path(self.ref).expanduser().exists() or hub_repo_id(self.ref) is not None:
@@ -56,7 +68,14 @@ class RoutedModel:
 
 @dataclass(frozen=True)
 class Decision:
-    """Where one query goes: the chosen model and every model's probability of being best."""
+    """Where one query goes.
+
+    Attributes:
+        model: the chosen model.
+        index: its position in the router's ``models``.
+        probabilities: every model's probability of being the best for the query, by name.
+        threshold: the threshold the decision was made at.
+    """
 
     model: RoutedModel
     index: int
@@ -66,7 +85,26 @@ class Decision:
 
 @dataclass
 class Router:
-    """A router ready to run: ``choose(queries)`` → model indices."""
+    """A router ready to run: features, a fitted router, the models in cost order and a threshold.
+
+    :func:`load_router` reads one from the folder ``fusekit route build`` wrote; :meth:`route` sends
+    one query to a model, :meth:`route_indices` many at once.
+
+    Attributes:
+        models: the models it routes to, in recipe order.
+        featurizer: turns queries into feature rows.
+        fitted: the learned part: feature rows → each model's probability of being the best.
+        order: model indices from cheapest to dearest.
+        n_cheap: how many models share the lowest cost (the first ``n_cheap`` of ``order``).
+        threshold: from 0 (every query to the dearest model) to 1 (every query to the cheapest).
+        calibration_tail: the held-out values the threshold was calibrated on (empty: none).
+        info: labels, training and calibration summaries, as saved in ``router.json``.
+
+    Example:
+        >>> router = load_router("./router")  # doctest: +SKIP
+        >>> router.route("def main():").model.name  # doctest: +SKIP
+        'python'
+    """
 
     models: list[RoutedModel]
     featurizer: Featurizer
@@ -79,23 +117,47 @@ class Router:
 
     @property
     def names(self) -> list[str]:
+        """The models' names, in recipe order."""
         return [m.name for m in self.models]
 
     def probabilities(self, queries: Sequence[str]) -> torch.Tensor:
-        """``(n, n_models)`` probability that each model is the best for each query."""
+        """Each model's probability of being the best for each query.
+
+        Args:
+            queries: the query texts.
+
+        Returns:
+            ``(n_queries, n_models)`` float32; rows sum to 1.
+        """
         if len(self.models) == 1:
             return torch.ones(len(queries), 1)
         if self.fitted.kind == "knn" and isinstance(self.featurizer, Tfidf):
             return self.fitted.probabilities(self.featurizer.sparse_rows(queries))
         return self.fitted.probabilities(self.featurizer.transform(queries))
 
-    def choose(self, queries: Sequence[str], *, threshold: float | None = None) -> torch.Tensor:
-        """``(n,)`` index of the model each query goes to (``threshold`` defaults to the router's)."""
+    def route_indices(self, queries: Sequence[str], *, threshold: float | None = None) -> torch.Tensor:
+        """Route many queries at once.
+
+        Args:
+            queries: the query texts.
+            threshold: overrides the router's threshold.
+
+        Returns:
+            ``(n_queries,)`` int64: the index in ``models`` of the model each query goes to.
+        """
         t = self.threshold if threshold is None else threshold
         return choose(self.probabilities(queries), self.order, t)
 
     def route(self, query: str, *, threshold: float | None = None) -> Decision:
-        """Route one query."""
+        """Route one query (on one thread: for a single query that is fastest).
+
+        Args:
+            query: the query text.
+            threshold: overrides the router's threshold.
+
+        Returns:
+            The :class:`Decision`: the chosen model and every model's probability.
+        """
         t = self.threshold if threshold is None else threshold
         with one_thread():  # a parallel region waits on a second thread: on a busy CPU, milliseconds
             q = self.probabilities([query])[0].tolist()
@@ -103,18 +165,35 @@ class Router:
         return Decision(self.models[index], index, dict(zip(self.names, q, strict=True)), t)
 
     def dear_tail(self, q: torch.Tensor) -> torch.Tensor:
-        """Per query, the value that must exceed the threshold for it to leave the cheapest models."""
+        """Per query, the value that must exceed the threshold for it to leave the cheapest models.
+
+        Args:
+            q: ``(n, n_models)`` probabilities from :meth:`probabilities`.
+
+        Returns:
+            ``(n,)`` float64.
+        """
         return dear_share_tail(q, self.order, self.n_cheap)
 
     def threshold_for_share(self, share: float) -> float:
-        """The threshold that sends ``share`` of the held-out build queries to dearer models."""
+        """The threshold that sends ``share`` of the held-out build queries to dearer models.
+
+        Args:
+            share: the wanted share of calls to models dearer than the cheapest, in [0, 1].
+
+        Returns:
+            The threshold, in [0, 1].
+
+        Raises:
+            FusekitError: the router holds no held-out values (built with ``folds: 0``).
+        """
         if self.calibration_tail.numel() == 0:
             raise FusekitError("this router was built with folds: 0, so it holds no held-out "
                                "predictions to calibrate on; rebuild it with folds >= 2")
         return calibrate(self.calibration_tail, share)
 
     def dear_indices(self) -> list[int]:
-        """Models dearer than the cheapest."""
+        """Indices of the models dearer than the cheapest, cheapest first."""
         return list(self.order[self.n_cheap:])
 
 
@@ -134,10 +213,12 @@ def save_router(router: Router, folder: Path, *, name: str | None = None,
                    **router.fitted.settings},
         **router.info,
     }
-    write_json(folder / CONFIG_FILE, config)
     write_text(folder / "README.md", router_card(name or folder.name, router, recipe_text))
     if recipe_text is not None:
         write_text(folder / "route.yaml", recipe_text)
+    from fusekit.io.manifest import with_digests  # router.json last: it records the others' sha256
+
+    write_json(folder / CONFIG_FILE, with_digests(folder, CONFIG_FILE, config, [WEIGHTS_FILE, "route.yaml"]))
 
 
 def router_card(name: str, router: Router, recipe_text: str | None) -> str:
@@ -177,6 +258,17 @@ def router_card(name: str, router: Router, recipe_text: str | None) -> str:
 def load_router(folder: Path | str, *, device: str = "cpu") -> Router:
     """Read a router folder written by ``fusekit route build``.
 
+    Args:
+        folder: the router folder.
+        device: where the featurizer's model runs, for ``hidden``/``embedding`` features.
+
+    Returns:
+        The :class:`Router`, ready to route.
+
+    Example:
+        >>> load_router("./router").route("int main(void) {").model.name  # doctest: +SKIP
+        'c'
+
     Raises:
         RouterFolderError: the folder is missing or is not a fusekit router.
     """
@@ -197,6 +289,10 @@ def load_router(folder: Path | str, *, device: str = "cpu") -> Router:
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise RouterFolderError(f"'{folder}' was written by a newer fusekit "
                                 f"({config.get('fusekit_version')}); upgrade fusekit to read it")
+    from fusekit.io.manifest import digest_mismatch  # README.md is the card: editing it is fine
+
+    if (mismatch := digest_mismatch(folder, CONFIG_FILE, config)) is not None:
+        raise RouterFolderError(f"{mismatch}; rebuild the router with fusekit route build")
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except (FileNotFoundError, SafetensorError, OSError) as exc:

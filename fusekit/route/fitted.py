@@ -1,5 +1,7 @@
-"""Routers: learn, from feature rows and the index of each row's best model, a probability over
-models for a new query. All in torch; each router is a small set of tensors plus its settings.
+"""Fitted routers: learn, from feature rows and the index of each row's best model, a probability over
+models for a new query. All in torch; a :class:`FittedRouter` is a small set of tensors plus its
+settings, the learned part of a :class:`fusekit.route.router.Router` (which adds the featurizer, the
+models, their cost order and the threshold).
 
 * ``knn``: for each model, the mean cosine similarity between the query and the ``k`` most similar
   training queries that model won; a softmax at ``temperature`` turns those into probabilities.
@@ -23,9 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fusekit.route.recipe import KnnRouter, LogisticRouter, MfRouter, MlpRouter
-
-RouterSpec = KnnRouter | LogisticRouter | MlpRouter | MfRouter
+from fusekit.route.recipe import KnnRouter, RouterSpec
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,15 @@ from pathlib import Path
 
 import torch
 
+from fusekit.demo.tokenizer import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    PAD_TOKEN_ID,
+    SPECIAL_TOKENS,
+    TOKENIZER_VOCAB_SIZE,
+    write_byte_tokenizer,
+    write_demo_json,
+)
 from fusekit.io.layout import (
     INDEX_FILE,
     TensorSpec,
@@ -32,12 +40,6 @@ from fusekit.io.layout import (
     shard_index,
     tensor_bytes,
 )
-
-UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
-SPECIAL_TOKENS: tuple[str, ...] = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
-UNK_TOKEN_ID, BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID = range(len(SPECIAL_TOKENS))
-TOKENIZER_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
-"""Natural vocabulary size of the built-in byte-level tokenizer: 4 specials + 256 byte tokens."""
 
 MAX_POSITION_EMBEDDINGS = 256
 RMS_NORM_EPS = 1e-6
@@ -125,29 +127,24 @@ def build_demo_models(
     Raises:
         ValueError: If a size, name or dtype is invalid, or ``vocab_size`` is smaller than the
             tokenizer's vocabulary while ``with_tokenizer`` is set.
+
+    Example:
+        >>> folders = build_demo_models(Path("demo-out/models"), hidden_size=32)  # doctest: +SKIP
+        >>> sorted(folders)  # doctest: +SKIP
+        ['base', 'code', 'math']
     """
-    config = _DemoConfig(
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        intermediate_size=(
-            _default_intermediate_size(hidden_size)
-            if intermediate_size is None
-            else intermediate_size
-        ),
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        vocab_size=TOKENIZER_VOCAB_SIZE if vocab_size is None else vocab_size,
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    inter = _default_intermediate_size(hidden_size) if intermediate_size is None else intermediate_size
+    config = _DemoConfig(hidden_size, num_layers, inter, num_attention_heads, num_key_value_heads,
+                         TOKENIZER_VOCAB_SIZE if vocab_size is None else vocab_size, tie_word_embeddings)
     _validate(config, names, dtype, max_shard_bytes, with_tokenizer)
     folders = {name: Path(out_dir) / name for name in names}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
         _remove_stale_weights(folder)
-        _write_json(folder / "config.json", _model_config(config, dtype))
-        _write_json(folder / "generation_config.json", _generation_config())
+        write_demo_json(folder / "config.json", _model_config(config, dtype))
+        write_demo_json(folder / "generation_config.json", _generation_config())
         if with_tokenizer:
-            _write_tokenizer(folder)
+            write_byte_tokenizer(folder, model_max_length=MAX_POSITION_EMBEDDINGS)
     _write_weights(list(folders.values()), list(names), config, dtype, max_shard_bytes, seed)
     return folders
 
@@ -260,101 +257,6 @@ def _generation_config() -> dict[str, object]:
         "eos_token_id": EOS_TOKEN_ID,
         "pad_token_id": PAD_TOKEN_ID,
     }
-
-
-def _write_json(path: Path, payload: object) -> None:
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-# --- tokenizer ----------------------------------------------------------------------------------
-
-
-def _byte_symbols() -> list[str]:
-    """The printable stand-in for each byte used by byte-level BPE, indexed by byte value.
-
-    Bytes that are visible, non-space Latin-1 characters stand for themselves; the others
-    (controls, space, soft hyphen...) are mapped in order to the code points from U+0100 on.
-    """
-    visible = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)}
-    symbols, spare = [], 0x100
-    for byte in range(256):
-        if byte in visible:
-            symbols.append(chr(byte))
-        else:
-            symbols.append(chr(spare))
-            spare += 1
-    return symbols
-
-
-def _tokenizer_json() -> dict[str, object]:
-    """A byte-level BPE without merges: token id = byte value + 4, with <s> prepended."""
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    vocab.update({symbol: len(SPECIAL_TOKENS) + b for b, symbol in enumerate(_byte_symbols())})
-    byte_level = {"add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    bos = {"SpecialToken": {"id": BOS_TOKEN, "type_id": 0}}
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [_added_token(i, token) for i, token in enumerate(SPECIAL_TOKENS)],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", **byte_level},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [bos, _sequence("A")],
-            "pair": [bos, _sequence("A"), bos, _sequence("B")],
-            "special_tokens": {
-                BOS_TOKEN: {"id": BOS_TOKEN, "ids": [BOS_TOKEN_ID], "tokens": [BOS_TOKEN]}
-            },
-        },
-        "decoder": {"type": "ByteLevel", **byte_level},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": UNK_TOKEN,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": [],
-        },
-    }
-
-
-def _added_token(token_id: int, content: str) -> dict[str, object]:
-    return {
-        "id": token_id,
-        "content": content,
-        "single_word": False,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-        "special": True,
-    }
-
-
-def _sequence(sequence_id: str) -> dict[str, object]:
-    return {"Sequence": {"id": sequence_id, "type_id": 0}}
-
-
-def _write_tokenizer(folder: Path) -> None:
-    specials = {
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "unk_token": UNK_TOKEN,
-        "pad_token": PAD_TOKEN,
-    }
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **specials,
-        "model_max_length": MAX_POSITION_EMBEDDINGS,
-        "clean_up_tokenization_spaces": False,
-    }
-    _write_json(folder / "tokenizer.json", _tokenizer_json())
-    _write_json(folder / "tokenizer_config.json", tokenizer_config)
-    _write_json(folder / "special_tokens_map.json", specials)
 
 
 # --- tensor layout ------------------------------------------------------------------------------
@@ -487,4 +389,4 @@ def _write_weights(
     if len(shards) > 1:
         index = shard_index(shards, file_names)
         for folder in folders:
-            _write_json(folder / INDEX_FILE, index)
+            write_demo_json(folder / INDEX_FILE, index)
