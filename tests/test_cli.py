@@ -233,6 +233,10 @@ def test_output_folder_exists_and_overwrite_replaces_it(run_cli: RunCli, tmp_pat
     assert (out_dir / "keep-me.txt").read_text(encoding="utf-8") == "precious"
     assert partial_folders(tmp_path) == []
 
+    result = run_cli("merge", recipe, out_dir, "--overwrite", cwd=tmp_path)  # not a fusekit output
+    assert result.returncode == 2 and "keep-me.txt" in result.stderr, result.stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == ["keep-me.txt"]
+    (out_dir / "fusekit.lock").write_text("{}", encoding="utf-8")  # a previous fusekit output
     result = run_cli("merge", recipe, out_dir, "--overwrite", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     names = {p.name for p in out_dir.iterdir()}
@@ -291,6 +295,34 @@ def test_usage_errors_exit_2(run_cli: RunCli, tmp_path: Path, tiny_models: dict[
         assert "'abc' is not a size" in result.stderr
     assert not out_dir.exists()
     assert partial_folders(tmp_path) == []
+
+
+@pytest.mark.parametrize(("args", "culprits"), [
+    (("plan", "{recipe}", "--format", "xml"), ("--format", "'xml'", "fusekit plan --help")),
+    (("merge", "{recipe}", "{out}", "--device", "tpu"), ("--device", "'tpu'", "fusekit merge --help")),
+    (("merge", "{recipe}", "{out}", "--random-seed", "x"), ("--random-seed", "'x'")),
+    (("plan", "{recipe}", "--bogus"), ("--bogus",)),
+], ids=["format-xml", "device-tpu", "seed-x", "unknown-option"])
+def test_usage_errors_are_one_line(run_cli: RunCli, tmp_path: Path, tiny_models: dict[str, Path],
+                                   args: tuple[str, ...], culprits: tuple[str, ...]) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", linear_recipe(tiny_models["base"],
+                                                                  tiny_models["math"]))
+    out_dir = tmp_path / "out"
+    result = run_cli(*[a.format(recipe=recipe, out=out_dir) for a in args], cwd=tmp_path)
+    assert_refused(result, out_dir, *culprits)
+    assert result.stdout == ""
+
+
+def test_plan_json_spellings_agree(run_cli: RunCli, tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", linear_recipe(tiny_models["base"],
+                                                                  tiny_models["math"]))
+    as_json = run_cli("plan", recipe, "--json", cwd=tmp_path)
+    format_json = run_cli("plan", recipe, "--format", "json", cwd=tmp_path)
+    assert as_json.returncode == format_json.returncode == 0, as_json.stderr + format_json.stderr
+    first, second = json.loads(as_json.stdout), json.loads(format_json.stdout)
+    for summary in (first, second):  # the estimate includes each process's own resident memory
+        assert summary.pop("peak_memory_bytes") > summary.pop("baseline_bytes") > 0
+    assert first == second and first["merge_method"] == "linear"
 
 
 # -- happy paths --------------------------------------------------------------------------------

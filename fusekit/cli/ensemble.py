@@ -10,17 +10,35 @@ from typing import Annotated, Any
 import typer
 
 from fusekit.cli.app import app
-from fusekit.cli.options import Device, RecipeArg
+from fusekit.cli.options import (
+    BatchSizeOpt,
+    ContextOpt,
+    Device,
+    DeviceOpt,
+    Format,
+    FormatOpt,
+    JsonOpt,
+    OutOpt,
+    PromptsOpt,
+    RecipeArg,
+    RecipeMaxNewTokensOpt,
+    SeedOpt,
+    TextOpt,
+    ThreadsOpt,
+    wants_json,
+)
+from fusekit.errors import FusekitError
 
 ensemble_app = typer.Typer(name="ensemble", no_args_is_help=True, add_completion=False,
-                           help="Combine models token by token, cascade them, or let them vote.")
+                           help="Combine models token by token, cascade them, or let them vote.",
+                           epilog="Example: fusekit ensemble check configs/ensemble/union.yaml; then "
+                                  "fusekit ensemble score RECIPE --text FILE --json")
 app.add_typer(ensemble_app, name="ensemble")
 
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Where the models run.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
-ThreadsOpt = Annotated[int | None, typer.Option(
-    "--threads", min=1, help="torch CPU threads (default: torch's choice; 1 is often fastest for small "
-    "models on a busy machine).", show_default=False)]
+PromptFileOpt = Annotated[Path | None, typer.Option("--prompts", help="JSON lines file, one "
+                                                    "{\"prompt\": ...} per line.", show_default=False)]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="0 is greedy; default: the "
+                                                      "recipe's.", show_default=False)]
 
 
 def _set_threads(threads: int | None) -> None:
@@ -34,47 +52,46 @@ def _set_threads(threads: int | None) -> None:
                              "--prompt 'def fib(' --max-new-tokens 32")
 def generate(
     recipe: RecipeArg,
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="Prompt text; repeat for a batch.",
-                                                     show_default=False)] = None,
-    prompts: Annotated[Path | None, typer.Option("--prompts", help="JSON lines file, one "
-                                                 "{\"prompt\": ...} per line.", show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write answers as JSON lines here "
-                                             "(atomically) instead of stdout.", show_default=False)] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(
-        "--max-new-tokens", help="Default: the recipe's generation.max_new_tokens.",
-        show_default=False)] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="0 is greedy; default: the "
-                                                      "recipe's.", show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed; default: the recipe's.",
-                                             show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoded together.")] = 8,
+    prompt: PromptsOpt = None,
+    prompts: PromptFileOpt = None,
+    out: OutOpt = None,
+    max_new_tokens: RecipeMaxNewTokensOpt = None,
+    temperature: TemperatureOpt = None,
+    seed: SeedOpt = None,
+    batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = Device.cpu,
     threads: ThreadsOpt = None,
+    output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
 ) -> None:
-    """Continue each prompt with the ensemble the RECIPE describes."""
+    """Continue each prompt with the ensemble the RECIPE describes.
+
+    Answers go to stdout, or as JSON lines to --out."""
     from fusekit.ensemble.engine import load_ensemble
     from fusekit.ensemble.io import read_prompts, write_answers
+    from fusekit.io.outputs import check_out_file
 
+    if out is not None:  # refused before any model loads, not after decoding
+        check_out_file(out, inputs=[("the prompts file", prompts)] if prompts else [])
     texts = list(prompt or [])
     if prompts is not None:
         texts += read_prompts(prompts)
     if not texts:
-        raise typer.BadParameter("give --prompt TEXT or --prompts FILE")
+        raise FusekitError("give --prompt TEXT or --prompts FILE")
     _set_threads(threads)
     ens = load_ensemble(recipe, device=device.value)
     result = ens.generate(texts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                           batch_size=batch_size)
-    summary = result.summary()
+    summary, to_json = result.summary(), wants_json(output_format, as_json)
     if out is not None:
         write_answers(out, result.answers)
         typer.echo(f"wrote {len(result.answers)} answers to {out}", err=True)
-    elif as_json:
+    elif to_json:
         typer.echo(json.dumps({"answers": [_answer(a) for a in result.answers], "stats": summary}, indent=2))
     else:
         for answer in result.answers:
             typer.echo(answer.prompt + answer.text)
-    if not as_json or out is not None:
+    if not to_json or out is not None:
         typer.echo("fusekit: " + ", ".join(f"{k} {v}" for k, v in summary.items()), err=True)
 
 
@@ -88,12 +105,11 @@ def _answer(answer: Any) -> dict[str, Any]:
                              "--text demo-out/experts/heldout/mixed.txt")
 def score(
     recipe: RecipeArg,
-    text: Annotated[Path, typer.Option("--text", help="UTF-8 text file to score.", show_default=False)],
-    context: Annotated[int | None, typer.Option("--context", help="Window length in tokens (default: "
-                                                "the primary's max positions, at most 1024).",
-                                                show_default=False)] = None,
+    text: TextOpt,
+    context: ContextOpt = None,
     device: DeviceOpt = Device.cpu,
     threads: ThreadsOpt = None,
+    output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
 ) -> None:
     """Bits per byte and perplexity of a text under the ensemble and under each member alone."""
@@ -107,7 +123,7 @@ def score(
     result = score_ensemble(ens, content, context=context)
     rows = [{"name": f"ensemble ({ens.method})", **_score(result.ensemble)}]
     rows += [{"name": m.ref, **_score(s)} for m, s in zip(ens.members, result.members, strict=True)]
-    if as_json:
+    if wants_json(output_format, as_json):
         typer.echo(json.dumps({"text": str(text), "bytes": result.ensemble.n_bytes, "rows": rows,
                                "details": result.details}, indent=2))
         return
@@ -126,12 +142,12 @@ def _score(s: Any) -> dict[str, Any]:
 
 
 @ensemble_app.command(epilog="Example: fusekit ensemble check configs/ensemble/union.yaml")
-def check(recipe: RecipeArg, as_json: JsonOpt = False) -> None:
+def check(recipe: RecipeArg, output_format: FormatOpt = Format.text, as_json: JsonOpt = False) -> None:
     """Compatibility report before spending: vocabulary overlap, tokenizer families, special tokens,
     alignment-table memory and cost per token (reads no weights)."""
     from fusekit.ensemble.check import check_ensemble, format_report
 
     report = check_ensemble(recipe)
-    typer.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    typer.echo(json.dumps(report, indent=2) if wants_json(output_format, as_json) else format_report(report))
     if report["problems"]:
         sys.stderr.write(f"fusekit: {len(report['problems'])} problem(s) found\n")

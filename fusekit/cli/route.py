@@ -4,23 +4,41 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from fusekit.cli.app import app
-from fusekit.cli.options import Device, Format, OverwriteOpt
+from fusekit.cli.options import (
+    BatchSizeOpt,
+    DataOpt,
+    Device,
+    DeviceOpt,
+    Format,
+    FormatOpt,
+    JsonOpt,
+    MaxNewTokensOpt,
+    OptionalDataOpt,
+    OutOpt,
+    OverwriteOpt,
+    PromptOpt,
+    ShareOpt,
+    SharesOpt,
+    ThresholdOpt,
+    ThresholdsOpt,
+    wants_json,
+)
 from fusekit.errors import FusekitError
 
 route_app = typer.Typer(name="route", no_args_is_help=True, add_completion=False,
                         pretty_exceptions_enable=False,
-                        help="Route each query to the model that should answer it.")
+                        help="Route each query to the model that should answer it.",
+                        epilog="Example: fusekit route build configs/route/tfidf-knn.yaml ./router; then "
+                               "fusekit route run ./router --prompt 'def main():' --json")
 app.add_typer(route_app, name="route")
 
 RouterArg = Annotated[Path, typer.Argument(help="Router folder written by fusekit route build.",
                                            show_default=False)]
-DeviceOpt = Annotated[Device, typer.Option("--device", help="Where models run.")]
-FormatOpt = Annotated[Format, typer.Option("--format", help="text or json.")]
 
 
 def _require_fraction(option: str, value: float) -> None:
@@ -36,22 +54,17 @@ def build(
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = Device.cpu,
     output_format: FormatOpt = Format.text,
+    as_json: JsonOpt = False,
 ) -> None:
     """Label the recipe's data, fit features and router, calibrate the threshold, save OUT_DIR."""
     from fusekit.route import build_router
 
     result = build_router(recipe, out_dir, overwrite=overwrite, device=device.value)
+    if wants_json(output_format, as_json):
+        typer.echo(json.dumps(_build_summary(out_dir, result), indent=2))
+        return
     router = result.router
     training = router.info.get("training", {})
-    summary = {"out_dir": str(out_dir), "models": router.names, "features": router.featurizer.kind,
-               "router": router.fitted.kind, "threshold": router.threshold, "seconds": result.seconds,
-               **{k: training[k] for k in ("examples", "label_counts", "folds", "heldout_accuracy",
-                                            "heldout_bits_per_byte", "heldout_oracle_bits_per_byte")
-                  if k in training},
-               "heldout_dear_share": router.info.get("calibration", {}).get("heldout_dear_share")}
-    if output_format is Format.json:
-        typer.echo(json.dumps(summary, indent=2))
-        return
     accuracy = training.get("heldout_accuracy")
     typer.echo(f"built {router.fitted.kind} router over {router.featurizer.kind} features for "
                f"{', '.join(router.names)} into {out_dir} in {result.seconds:.1f} s: "
@@ -59,24 +72,31 @@ def build(
                + (f", cross-validated accuracy {accuracy:.1%}" if accuracy is not None else ""))
 
 
+def _build_summary(out_dir: Path, result: Any) -> dict[str, Any]:
+    router = result.router
+    training = router.info.get("training", {})
+    return {"out_dir": str(out_dir), "models": router.names, "features": router.featurizer.kind,
+            "router": router.fitted.kind, "threshold": router.threshold, "seconds": result.seconds,
+            **{k: training[k] for k in ("examples", "label_counts", "folds", "heldout_accuracy",
+                                         "heldout_bits_per_byte", "heldout_oracle_bits_per_byte")
+               if k in training},
+            "heldout_dear_share": router.info.get("calibration", {}).get("heldout_dear_share")}
+
+
 @route_app.command("eval", epilog="Example: fusekit route eval ./router --data "
                                   "demo-out/experts/data/test.jsonl")
 def evaluate(
     router_dir: RouterArg,
-    data: Annotated[Path, typer.Option("--data", help="JSONL examples to measure on.",
-                                       show_default=False)],
-    threshold: Annotated[list[float] | None, typer.Option("--threshold", help="A row of the "
-                         "cost-quality table; repeat for several (default 0, 0.1, ..., 1).",
-                                                          show_default=False)] = None,
-    share: Annotated[list[float] | None, typer.Option("--share", help="A dear-call share to calibrate "
-                     "and check; repeat for several (default 0.25, 0.5, 0.75).",
-                                                      show_default=False)] = None,
+    data: DataOpt,
+    threshold: ThresholdsOpt = None,
+    share: SharesOpt = None,
     merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Compare with a uniform linear "
                                         "merge of the models that share tokenizer and "
                                         "architecture.")] = True,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 8,
+    batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = Device.cpu,
     output_format: FormatOpt = Format.text,
+    as_json: JsonOpt = False,
 ) -> None:
     """Routed bits per byte against every single model, the oracle and a uniform merge; the
     cost-quality table across thresholds; calibration on this data."""
@@ -86,7 +106,7 @@ def evaluate(
         _require_fraction("--threshold/--share", value)
     report = evaluate_router(router_dir, data, device=device.value, thresholds=threshold, shares=share,
                              with_merge=merge, batch_size=batch_size)
-    if output_format is Format.json:
+    if wants_json(output_format, as_json):
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         typer.echo(report.format_text())
@@ -96,23 +116,23 @@ def evaluate(
                                        "traffic.jsonl --share 0.3")
 def calibrate(
     router_dir: RouterArg,
-    data: Annotated[Path, typer.Option("--data", help="JSONL queries like the expected traffic "
-                                       "(text or prompt; no labels needed).", show_default=False)],
-    share: Annotated[float, typer.Option("--share", help="Share of calls that should go to models "
-                                         "dearer than the cheapest.", show_default=False)],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Write the calibrated router here "
-                                                 "instead of replacing ROUTER.", show_default=False)] = None,
+    data: DataOpt,
+    share: ShareOpt,
+    out_dir: OutOpt = None,
     overwrite: OverwriteOpt = False,
     output_format: FormatOpt = Format.text,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Set the threshold so that --share of the queries in --data go to dearer models (no model runs)."""
+    """Set the threshold so that --share of the queries in --data go to dearer models.
+
+    No model runs and no labels are needed; the calibrated router replaces ROUTER, or goes to --out."""
     from fusekit.route.calibration import recalibrate_router
 
     _require_fraction("--share", share)
     router = recalibrate_router(router_dir, data, share, out_dir, overwrite=overwrite)
     calibration = router.info["calibration"]
     target = out_dir if out_dir is not None else router_dir
-    if output_format is Format.json:
+    if wants_json(output_format, as_json):
         typer.echo(json.dumps({"router": str(target), **calibration}, indent=2))
         return
     dearer = ", ".join(router.names[i] for i in router.dear_indices())
@@ -123,22 +143,19 @@ def calibrate(
 @route_app.command("run", epilog="Example: fusekit route run ./router --prompt \"def main():\" --generate")
 def run(
     router_dir: RouterArg,
-    prompt: Annotated[str | None, typer.Option("--prompt", help="The query to route.",
-                                               show_default=False)] = None,
-    data: Annotated[Path | None, typer.Option("--data", help="Route every query of this JSONL file (text "
-                                              "or prompt) instead; prints one JSON line per query.",
-                                              show_default=False)] = None,
+    prompt: PromptOpt = None,
+    data: OptionalDataOpt = None,
     generate: Annotated[bool, typer.Option("--generate", help="Also let the chosen model answer "
                                            "(greedy).")] = False,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Length of the answer.")] = 64,
-    threshold: Annotated[float | None, typer.Option("--threshold", help="Override the router's "
-                                                    "threshold (0: dearest, 1: cheapest).",
-                                                    show_default=False)] = None,
+    max_new_tokens: MaxNewTokensOpt = 64,
+    threshold: ThresholdOpt = None,
     device: DeviceOpt = Device.cpu,
     output_format: FormatOpt = Format.text,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Print the model the router picks for --prompt, or for each query of --data (and, with
-    --generate, the answer)."""
+    """Print the model the router picks for --prompt, or for each query of --data.
+
+    With --generate the chosen model also answers; --data prints one JSON line per query."""
     from fusekit.route import run_router
     from fusekit.route.run import route_file
 
@@ -156,15 +173,18 @@ def run(
         raise FusekitError("--prompt is empty; give the query to route")
     result = run_router(router_dir, prompt, generate=generate, max_new_tokens=max_new_tokens,
                         threshold=threshold, device=device.value)
-    decision = result.decision
-    if output_format is Format.json:
-        typer.echo(json.dumps({"model": decision.model.name, "ref": decision.model.ref,
-                               "cost": decision.model.cost, "threshold": decision.threshold,
-                               "probabilities": decision.probabilities,
-                               "routing_ms": result.seconds_routing * 1000, "answer": result.answer},
-                              indent=2))
+    if wants_json(output_format, as_json):
+        typer.echo(json.dumps(_run_record(result), indent=2))
         return
+    decision = result.decision
     probs = ", ".join(f"{k} {v:.3f}" for k, v in decision.probabilities.items())
     typer.echo(f"{decision.model.name}\t{decision.model.ref}\t(p: {probs})")
     if result.answer is not None:
         typer.echo(result.answer)
+
+
+def _run_record(result: Any) -> dict[str, Any]:
+    decision = result.decision
+    return {"model": decision.model.name, "ref": decision.model.ref, "cost": decision.model.cost,
+            "threshold": decision.threshold, "probabilities": decision.probabilities,
+            "routing_ms": result.seconds_routing * 1000, "answer": result.answer}

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from fusekit.cli.app import app
-from fusekit.cli.options import Device, Format, PickleOpt
+from fusekit.cli.options import (
+    BatchSizeOpt,
+    ContextOpt,
+    Device,
+    DeviceOpt,
+    Format,
+    FormatOpt,
+    JsonOpt,
+    PickleOpt,
+    TextsOpt,
+    wants_json,
+)
+
+StrideOpt = Annotated[int | None, typer.Option("--stride", help="How far each further window moves "
+                                               "(default: half the window).", show_default=False)]
 
 
 @app.command(epilog="Example: fusekit score demo-out/experts/python demo-out/experts/c "
@@ -17,18 +30,13 @@ from fusekit.cli.options import Device, Format, PickleOpt
 def score(
     models: Annotated[list[str], typer.Argument(help="Model folders or Hub ids, as in a recipe's "
                                                 "model: entries.", show_default=False)],
-    text: Annotated[list[Path], typer.Option("--text", help="UTF-8 text file to score; repeat for "
-                                             "several.", show_default=False)],
-    device: Annotated[Device, typer.Option("--device", help="Where the models run.")] = Device.cpu,
-    context: Annotated[int | None, typer.Option("--context", help="Window length in tokens "
-                                                "(default: the model's max positions, at most "
-                                                "1024).", show_default=False)] = None,
-    stride: Annotated[int | None, typer.Option("--stride", help="How far each further window "
-                                               "moves (default: half the window).",
-                                               show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 8,
-    output_format: Annotated[Format, typer.Option("--format", help="text or json.")] = Format.text,
-    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json.")] = False,
+    text: TextsOpt,
+    device: DeviceOpt = Device.cpu,
+    context: ContextOpt = None,
+    stride: StrideOpt = None,
+    batch_size: BatchSizeOpt = 8,
+    output_format: FormatOpt = Format.text,
+    as_json: JsonOpt = False,
     allow_pickle: PickleOpt = False,
 ) -> None:
     """Bits per byte (comparable across tokenizers) and per-token perplexity of each MODEL on each
@@ -46,9 +54,13 @@ def score(
                          "n_tokens": result.n_tokens, "nll_nats": result.nll_nats,
                          "bits_per_byte": result.bits_per_byte, "perplexity": result.perplexity})
         del lm
-    if as_json or output_format is Format.json:
+    if wants_json(output_format, as_json):
         typer.echo(json.dumps(rows, indent=2))
         return
+    _print_table(rows)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
     width_m = max(len("model"), *(len(r["model"]) for r in rows))
     width_t = max(len("text"), *(len(r["text"]) for r in rows))
     typer.echo(f"{'model':<{width_m}}  {'text':<{width_t}}  {'bytes':>9}  {'tokens':>8}  "
