@@ -26,6 +26,17 @@ def layer_index(name: str) -> int | None:
     return int(match.group("index")) if match else None
 
 
+def block_of(name: str) -> tuple[str, int] | None:
+    """``(prefix, index)`` of the block ``name`` belongs to, or None for tensors outside the blocks.
+
+    Example:
+        >>> block_of("model.layers.3.mlp.up_proj.weight")
+        ('model.layers', 3)
+    """
+    match = _LAYER.match(name)
+    return (match.group("prefix"), int(match.group("index"))) if match else None
+
+
 def with_layer_index(name: str, index: int) -> str:
     """``name`` renumbered to block ``index`` (for stacking layers from several models)."""
     match = _LAYER.match(name)

@@ -14,19 +14,21 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fusekit.arch.layers import layer_count_conflict
 from fusekit.errors import CheckpointError, TensorMismatchError
-from fusekit.io.layout import SAFETENSORS_DTYPES, tensor_bytes
+from fusekit.io.layout import DTYPE_CODES, FLOAT8_DTYPES, SAFETENSORS_DTYPES, tensor_bytes
 from fusekit.io.refs import ResolvedModel
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_DIMS = 16  # no model tensor has more; a longer shape is a lying header
+MAX_CONFIG_BYTES = 16 * 2**20  # real configs are a few KiB
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,46 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def check_layer_count(model: ResolvedModel, names: Iterable[str]) -> None:
+    """Refuse a checkpoint whose config.json counts other blocks than its tensors hold.
+
+    A config that cannot be read is left to whoever reads it next (it is not this check's to judge).
+
+    Raises:
+        CheckpointError: one line naming config.json and the first contradiction.
+    """
+    path = model.config_path
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+            return
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return
+    if not isinstance(config, dict):
+        return
+    conflict = layer_count_conflict(config, names)
+    if conflict is not None:
+        files = ", ".join(f.name for f in model.weight_files[:2]) + (
+            ", ..." if len(model.weight_files) > 2 else "")
+        raise CheckpointError(f"{path}: {conflict} ({files}); the config and the weights do not "
+                              "belong together: restore the config.json written with these weights")
+
+
+def refuse_float8_without_dtype(readers: Iterable[CheckpointReader]) -> None:
+    """Refuse float8 inputs when the recipe sets no ``dtype``: a merge cannot compute in float8.
+
+    Raises:
+        CheckpointError: one line naming the file and tensor, and the ``dtype`` key to set.
+    """
+    for reader in readers:
+        for info in reader.infos.values():
+            if info.dtype in FLOAT8_DTYPES:
+                raise CheckpointError(
+                    f"{info.file}: tensor '{info.name}' is stored as {DTYPE_CODES[info.dtype]} (float8), "
+                    "which a merge cannot compute in; set dtype: float32 or bfloat16 in the recipe "
+                    "(dequantize checkpoints that carry scale tensors first)")
+
+
 class CheckpointReader:
     """Name → tensor access over one resolved model; files are opened (mmap) on first use."""
 
@@ -165,16 +207,30 @@ class CheckpointReader:
 
     @property
     def infos(self) -> dict[str, TensorInfo]:
-        """Every tensor's info, read from headers (or from the pickle, when allowed)."""
+        """Every tensor's info, read from headers (or from the pickle, when allowed).
+
+        Raises:
+            CheckpointError: a header is corrupt, two files define one tensor and no index says
+                which counts, or config.json counts other blocks than the weights hold.
+        """
         if self._infos is None:
-            self._infos = self._pickle_infos() if self.model.is_pickle else self._header_infos()
+            infos = self._pickle_infos() if self.model.is_pickle else self._header_infos()
+            check_layer_count(self.model, infos)
+            self._infos = infos
         return self._infos
 
     def _header_infos(self) -> dict[str, TensorInfo]:
         infos: dict[str, TensorInfo] = {}
-        for file in self.model.weight_files:
-            infos.update(read_safetensors_header(file)[0])
         index = self.model.index
+        for file in self.model.weight_files:
+            for name, info in read_safetensors_header(file)[0].items():
+                known = infos.get(name)
+                if known is None or (index is not None and index.get(name) == file):
+                    infos[name] = info
+                elif index is None or index.get(name) != known.file:
+                    raise CheckpointError(
+                        f"{file}: tensor '{name}' is also in {known.file.name} and no index says which "
+                        f"file holds it; remove the file that does not belong in {file.parent}")
         if index is not None:
             missing = [n for n, f in index.items() if n not in infos or infos[n].file != f]
             if missing:

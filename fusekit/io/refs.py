@@ -88,8 +88,29 @@ def resolve_model(ref: str, *, allow_pickle: bool = False) -> ResolvedModel:
         f"the current folder, {Path.cwd()})")
 
 
+def require_config(model: ResolvedModel, why: str) -> Path:
+    """``model``'s config.json, which must be a regular file; ``why`` says what needs it.
+
+    Raises:
+        CheckpointNotFoundError: one line naming the missing (or not regular) file and ``why``.
+
+    Example:
+        >>> require_config(resolve_model("./base"), "it is run")  # doctest: +SKIP
+        PosixPath('base/config.json')
+    """
+    path = model.config_path
+    if not path.is_file():
+        state = "is not a regular file" if path.exists() else "is missing"
+        raise CheckpointNotFoundError(f"model '{model.ref}': {path} {state}, and {why}; copy the "
+                                      "config.json that was saved with these weights into its folder")
+    return path
+
+
 def _resolve_local(ref: str, path: Path, *, allow_pickle: bool,
                    link_root: Path | None = None) -> ResolvedModel:
+    if not (path.is_file() or path.is_dir()):
+        raise CheckpointError(f"model '{ref}': {path} is not a regular file or a folder (a device, "
+                              "pipe or socket); point it at a .safetensors file or a model folder")
     if path.is_file():
         if path.suffix == ".safetensors":
             return ResolvedModel(ref, path.parent, (path,))

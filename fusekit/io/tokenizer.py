@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
-from fusekit.errors import RecipeError
+from fusekit.errors import CheckpointError, RecipeError
 from fusekit.io.refs import ResolvedModel
 from fusekit.io.writer import write_error, write_json, write_text
 
@@ -16,6 +17,7 @@ TOKENIZER_FILES = (
 )
 GENERATION_CONFIG = "generation_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+MAX_JSON_BYTES = 256 * 2**20  # the largest real tokenizer.json files are tens of MiB
 
 # ChatML, the most widely used role-tagged format; written here from its published description.
 CHATML = (
@@ -27,8 +29,54 @@ CHATML = (
 BUILTIN_TEMPLATES = {"chatml": CHATML}
 
 
+def check_tokenizer_files(folder: Path) -> None:
+    """Refuse tokenizer files that cannot be what they claim, before anything is copied or merged.
+
+    Each of :data:`TOKENIZER_FILES` that ``folder`` holds must be a regular file (not a device, pipe
+    or folder behind its name), and each ``.json`` one a JSON object, as transformers expects.
+
+    Raises:
+        CheckpointError: one line naming the file and what is wrong with it.
+    """
+    for name in TOKENIZER_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        if not path.is_file():
+            raise CheckpointError(f"{path}: is not a regular file; replace it with the model's own "
+                                  f"{name}, or remove it")
+        if path.suffix == ".json":
+            read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``.
+
+    Raises:
+        CheckpointError: one line naming ``path`` when it is unreadable, not JSON or not an object.
+    """
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: is larger than {MAX_JSON_BYTES // 2**20} MiB; it is not a "
+                                  "tokenizer file")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path}: is not valid JSON; restore the model's own {path.name}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(value).__name__}, not an object; restore the "
+                              f"model's own {path.name}")
+    return value
+
+
 def copy_tokenizer(source: ResolvedModel, out: Path) -> list[str]:
-    """Copy the tokenizer files that ``source`` has into ``out``; return their names."""
+    """Copy the tokenizer files that ``source`` has into ``out``; return their names.
+
+    Raises:
+        CheckpointError: a tokenizer file is broken (see :func:`check_tokenizer_files`).
+    """
+    check_tokenizer_files(source.folder)
     copied = []
     for name in TOKENIZER_FILES:
         path = source.folder / name
@@ -74,6 +122,6 @@ def write_chat_template(out: Path, template: str) -> None:
     write_text(out / TEMPLATE_FILE, template)
     config_path = out / "tokenizer_config.json"
     if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = read_json_object(config_path)
         if config.pop("chat_template", None) is not None:
             write_json(config_path, config)

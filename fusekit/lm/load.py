@@ -15,7 +15,9 @@ import torch
 
 from fusekit.device import resolve_device
 from fusekit.errors import CheckpointError, FusekitError
-from fusekit.io.refs import ResolvedModel, resolve_model
+from fusekit.io.reader import CheckpointReader
+from fusekit.io.refs import ResolvedModel, require_config, resolve_model
+from fusekit.io.tokenizer import check_tokenizer_files
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -74,8 +76,7 @@ def load_lm(ref: str | Path, *, device: str = "cpu", dtype: str | None = "float3
         FusekitError: one line naming ``ref`` when it cannot be found or loaded.
     """
     resolved = resolve_model(str(ref), allow_pickle=allow_pickle)
-    if not resolved.config_path.is_file():
-        raise CheckpointError(f"model '{ref}': {resolved.folder} has no config.json, so it cannot be run")
+    check_weights(resolved)
     transformers = import_transformers()
     target = resolve_device(device)
     torch_dtype = _DTYPES[dtype] if dtype else "auto"
@@ -92,12 +93,35 @@ def load_lm(ref: str | Path, *, device: str = "cpu", dtype: str | None = "float3
     return LoadedLM(str(ref), resolved, model, tok, target)
 
 
+def check_weights(resolved: ResolvedModel) -> None:
+    """The checks a merge input passes, run before transformers opens ``resolved``'s files.
+
+    config.json must be a regular file, and every safetensors file must pass the merge reader's
+    header, size and offset checks, with no tensor in two files and as many blocks as config.json
+    counts (see :class:`fusekit.io.reader.CheckpointReader`); no tensor data is read. Pickle
+    checkpoints (allowed explicitly) are left to their weights-only loader.
+
+    Raises:
+        CheckpointError: one line naming the file at fault.
+        CheckpointNotFoundError: config.json is missing.
+
+    Example:
+        >>> check_weights(resolve_model("./merged"))  # doctest: +SKIP
+    """
+    require_config(resolved, "a model cannot be run without it")
+    if resolved.is_pickle:
+        return
+    with CheckpointReader(resolved) as reader:
+        reader.infos  # noqa: B018  # parses and checks every header
+
+
 def load_tokenizer(ref: str | Path, folder: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in ``folder``; a clear error when there is none."""
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json",
                                                       "tokenizer.model", "vocab.json")):
         raise CheckpointError(f"model '{ref}': {folder} has no tokenizer files; copy the tokenizer "
                               "of the model it was trained from into that folder")
+    check_tokenizer_files(folder)
     transformers = import_transformers()
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
