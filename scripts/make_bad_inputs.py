@@ -6,6 +6,8 @@
     DEST/bad/<case>/                 one broken checkpoint per case in CASES
     DEST/recipes/<case>.yaml         a linear merge of models/base with bad/<case>
     DEST/recipes/*.yaml              the text cases of tests/bad_inputs/, copied
+    DEST/recipes/...                 recipe files that are the problem (RECIPE_CASES): a folder, a
+                                     FIFO, /dev/zero, 17 MiB, not UTF-8
 
 Every case must make ``fusekit merge`` (run in DEST) exit with status 2 and one line naming the
 culprit; tests/test_bad_inputs.py runs them all. Nothing here is committed as a binary: the test
@@ -223,6 +225,40 @@ def _pickle(good: Path, case: Path) -> None:
         pickle.dump({"model.embed_tokens.weight": _Hostile()}, handle)
 
 
+# -- checkpoints that contradict themselves (config vs weights, file vs file, device links) --------
+
+
+def _layer_count(count: int) -> Callable[[Path, Path], None]:
+    """Good weights, with a config.json that counts ``count`` blocks."""
+    def build(good: Path, case: Path) -> None:
+        shutil.copy(good / "model.safetensors", case / "model.safetensors")
+        config = json.loads((good / "config.json").read_text())
+        (case / "config.json").write_text(json.dumps({**config, "num_hidden_layers": count}))
+    return build
+
+
+def _same_tensor_twice(good: Path, case: Path) -> None:
+    """An extra un-indexed file redefining one tensor of model.safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = _tensors(good)
+    name = "model.layers.1.mlp.down_proj.weight"
+    _copy_side(good, case)
+    shutil.copy(good / "model.safetensors", case / "model.safetensors")
+    save_file({name: tensors[name] * 2}, case / "model-extra.safetensors")
+
+
+def _float8(good: Path, case: Path) -> None:
+    import torch
+
+    _save(case, {n: t.to(torch.float8_e4m3fn) for n, t in _tensors(good).items()}, good)
+
+
+def _device_link(good: Path, case: Path) -> None:
+    _copy_side(good, case)
+    os.symlink("/dev/zero", case / "model.safetensors")
+
+
 def _config(text: str | None) -> Callable[[Path, Path], None]:
     def build(good: Path, case: Path) -> None:
         shutil.copy(good / "model.safetensors", case / "model.safetensors")
@@ -278,6 +314,63 @@ CASES: dict[str, Case] = {
     "inf_in_weights": Case(_nonfinite(float("inf")), culprit="model.layers.1.mlp.down_proj.weight"),
     "config_not_json": Case(_config("{ this is not json")),
     "config_not_object": Case(_config("[1, 2]")),
+    # checkpoints that contradict themselves (issue 15, item 6)
+    "config_counts_fewer_layers": Case(_layer_count(1), culprit="bad/config_counts_fewer_layers/config.json"),
+    "config_counts_more_layers": Case(_layer_count(3), culprit="bad/config_counts_more_layers/config.json"),
+    "same_tensor_in_two_files": Case(_same_tensor_twice, culprit="model-extra.safetensors"),
+    "float8_without_dtype": Case(_float8, culprit="bad/float8_without_dtype/model.safetensors"),
+    "safetensors_link_to_device": Case(_device_link),
+}
+
+
+def _recipe_bytes(content: bytes) -> Callable[[Path], None]:
+    def build(path: Path) -> None:
+        path.write_bytes(content)
+    return build
+
+
+def _recipe_folder(path: Path) -> None:
+    path.mkdir()
+
+
+def _recipe_fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _recipe_device(path: Path) -> None:
+    os.symlink("/dev/zero", path)
+
+
+def _recipe_huge_template(path: Path) -> None:
+    """A valid recipe whose inline chat_template makes it 17 MiB, over the 16 MiB recipe limit."""
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write("merge_method: linear\nmodels: [{model: models/base, parameters: {weight: 1}}]\n"
+                     "chat_template: '{{ bos_token }}")
+        handle.write("x" * (17 * 2**20))
+        handle.write("'\n")
+
+
+@dataclass(frozen=True)
+class RecipeCase:
+    """A recipe file that is itself the problem: its path (under DEST), builder and culprit."""
+
+    path: str
+    build: Callable[[Path], None]
+    culprit: str
+
+
+RECIPE_CASES: dict[str, RecipeCase] = {
+    "not_utf8": RecipeCase("recipes/not_utf8.yaml",
+                           _recipe_bytes(b"merge_method: linear\nmodels: [\xff\xfe]\n"), "not_utf8.yaml"),
+    "recipe_is_folder": RecipeCase("recipes/recipe_is_folder.yaml", _recipe_folder, "is a folder"),
+    "recipe_is_fifo": RecipeCase("recipes/recipe_is_fifo.yaml", _recipe_fifo, "FIFO"),
+    "recipe_is_dev_zero": RecipeCase("recipes/recipe_is_dev_zero.yaml", _recipe_device,
+                                     "character device"),
+    "recipe_17_mib_chat_template": RecipeCase("recipes/recipe_17_mib.yaml", _recipe_huge_template,
+                                              "FUSEKIT_MAX_RECIPE_BYTES"),
+    "recipe_under_a_file": RecipeCase("recipes/not_utf8.yaml/recipe.yaml", lambda path: None,
+                                      "recipe file not found"),
+    "recipe_missing": RecipeCase("recipes/no_such_recipe.yaml", lambda path: None, "no_such_recipe.yaml"),
 }
 
 
@@ -301,9 +394,10 @@ def build(dest: Path) -> dict[str, dict[str, Any]]:
                           "    parameters: {weight: 0.5}\n", encoding="utf-8")
         manifest[name] = {"recipe": f"recipes/{name}.yaml", "culprit": case.culprit or f"bad/{name}",
                           "args": list(case.args)}
-    (dest / "recipes" / "not_utf8.yaml").write_bytes(b"merge_method: linear\nmodels: [\xff\xfe]\n")
-    manifest["recipe_not_utf8"] = {"recipe": "recipes/not_utf8.yaml", "culprit": "not_utf8.yaml",
-                                   "args": []}
+    for name, recipe_case in RECIPE_CASES.items():
+        recipe_case.build(dest / recipe_case.path)
+        manifest[f"recipe_{name}"] = {"recipe": recipe_case.path, "culprit": recipe_case.culprit,
+                                      "args": []}
     for text_case in sorted(TEXT_CASES.glob("*.yaml")):
         shutil.copy(text_case, dest / "recipes" / text_case.name)
     return manifest

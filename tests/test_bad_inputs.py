@@ -42,6 +42,10 @@ OPTION_CASES = {  # name -> (arguments after the recipe and output, culprit)
     "shard_size_zero": (["--out-shard-size", "0"], "--out-shard-size"),
     "shard_size_words": (["--out-shard-size", "lots"], "--out-shard-size"),
     "max_memory_negative": (["--max-memory", "-5GB"], "--max-memory"),
+    "max_memory_400_digits": (["--max-memory", "1" + "0" * 400], "--max-memory"),
+    "max_memory_nan": (["--max-memory", "nan"], "--max-memory"),
+    "shard_size_1e400": (["--out-shard-size", "1e400"], "--out-shard-size"),
+    "shard_size_inf": (["--out-shard-size", "inf"], "--out-shard-size"),
     "device_missing_gpu": (["--device", "cuda"], "--device cuda"),
     "push_bad_repo_id": (["--push-to-hub", "../../etc"], "../../etc"),
     "locked_without_lock": (["--locked"], "fusekit.lock"),
@@ -66,7 +70,8 @@ for _path in sorted(TEXT_DIR.glob("*.yaml")):
 for _name, _case in make_bad_inputs.CASES.items():
     CASES[f"checkpoint/{_name}"] = (f"recipes/{_name}.yaml", _case.culprit or f"bad/{_name}",
                                     list(_case.args))
-CASES["recipe/not_utf8"] = ("recipes/not_utf8.yaml", "not_utf8.yaml", [])
+for _name, _recipe_case in make_bad_inputs.RECIPE_CASES.items():
+    CASES[f"recipe/{_name}"] = (_recipe_case.path, _recipe_case.culprit, [])
 for _name, (_args, _culprit) in OPTION_CASES.items():
     CASES[f"option/{_name}"] = ("good.yaml", _culprit, _args)
 

@@ -223,7 +223,7 @@ models:
           value: 100
   - model: {code}
 """)
-    plan = fusekit.plan(recipe)
+    plan = fusekit.plan_merge(recipe)
     # Two layers: layer 0 is at t=0, layer 1 at t=1; embeddings and the head at t=0.
     assert _weights(plan, "model.layers.0.self_attn.q_proj.weight") == {base: 0.0, math_: 0.25,
                                                                          code: 7.0}
@@ -261,7 +261,7 @@ slices:
         parameters:
           weight: 4
 """)
-    plan = fusekit.plan(recipe)
+    plan = fusekit.plan_merge(recipe)
     name = "model.layers.{}.mlp.down_proj.weight"
     assert _weights(plan, name.format(0)) == {base: 1.0, math_: 2.0}  # t=0
     assert _weights(plan, name.format(1)) == {base: 3.0, math_: 2.0}  # t=1
@@ -297,8 +297,84 @@ slices:
               value: 2
             - value: 1
 """)
-    plan = fusekit.plan(recipe)
+    plan = fusekit.plan_merge(recipe)
     task = next(t for t in plan.tasks if t.output == "model.layers.0.self_attn.o_proj.weight")
     assert _weights(plan, task.output) == {base: 2.0, math_: 1.0}
     # The method-wide filter is matched against the output name (layer 0), so it falls to true.
     assert task.params.normalize is True
+
+
+# -- ranges of numbers: karcher steps, seeds, temperatures -------------------------------------------
+
+
+def _karcher(parameters: str) -> str:
+    from fusekit.errors import RecipeError
+    from fusekit.recipe import parse_merge_recipe
+
+    with pytest.raises(RecipeError) as info:
+        parse_merge_recipe("merge_method: karcher\nmodels: [{model: a}, {model: b}]\n"
+                           f"parameters: {parameters}\n", "r.yaml")
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("parameters", "key", "rule"), [
+    ("{max_iter: 1e9, tol: 0}", "parameters.max_iter", "[0, 1000]"),
+    ("{max_iter: 1001}", "parameters.max_iter", "[0, 1000]"),
+    ("{max_iter: -1}", "parameters.max_iter", "[0, 1000]"),
+    ("{max_iter: 1" + "0" * 400 + "}", "parameters.max_iter", "finite number"),
+    ("{max_iter: 2.5}", "parameters.max_iter", "integer"),
+    ("{tol: -1.0e-3}", "parameters.tol", ">= 0"),
+    ("{tol: .nan}", "parameters.tol", "finite"),
+])
+def test_karcher_steps_and_tolerance_are_bounded(parameters: str, key: str, rule: str) -> None:
+    message = _karcher(parameters)
+    assert message.startswith(f"r.yaml:3:14 {key}: ") and rule in message
+
+
+def test_karcher_bounds_themselves_are_accepted() -> None:
+    from fusekit.ops.spherical import KARCHER_MAX_ITER, KarcherParams
+    from fusekit.recipe import parse_merge_recipe
+
+    recipe, _ = parse_merge_recipe("merge_method: karcher\nmodels: [{model: a}, {model: b}]\n"
+                                   "parameters: {max_iter: 1000, tol: 0}\n", "r.yaml")
+    assert recipe.parameters == {"max_iter": 1000.0, "tol": 0.0}
+    assert KarcherParams(max_iter=KARCHER_MAX_ITER, tol=0.0).max_iter == 1000
+    with pytest.raises(ValueError, match="steps in"):
+        KarcherParams(max_iter=KARCHER_MAX_ITER + 1)
+
+
+def test_seed_range_is_exactly_what_torch_accepts() -> None:
+    import torch
+
+    from fusekit.recipe.numbers import SEED_MAX, SEED_MIN, check_seed
+
+    for seed in (SEED_MIN, 0, SEED_MAX):
+        assert check_seed(seed) == seed
+        torch.Generator().manual_seed(seed)  # the independent reference: torch takes it
+    for seed in (SEED_MIN - 1, SEED_MAX + 1, 10**400):
+        with pytest.raises(ValueError, match=r"between -2\*\*63 and 2\*\*64 - 1"):
+            check_seed(seed)
+        with pytest.raises((RuntimeError, ValueError, OverflowError)):  # torch refuses it too
+            torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.1])
+def test_temperature_must_be_finite_and_not_negative(value: float) -> None:
+    from fusekit.errors import FusekitError
+    from fusekit.recipe.numbers import check_option, check_temperature
+
+    with pytest.raises(FusekitError, match=r"^--temperature: must be a finite number >= 0"):
+        check_option("--temperature", check_temperature, value)
+    assert check_option("--temperature", check_temperature, 0.0) == 0.0
+
+
+def test_route_and_ensemble_recipe_seeds_are_checked() -> None:
+    from fusekit.ensemble.recipe import parse_ensemble_recipe
+    from fusekit.errors import RecipeError
+    from fusekit.route.recipe import parse_route_recipe
+
+    with pytest.raises(RecipeError, match="seed: must be an integer between"):
+        parse_route_recipe(f"models: [{{model: ./a}}, {{model: ./b}}]\ndata: d.jsonl\nseed: {2**64}\n")
+    with pytest.raises(RecipeError, match="generation.seed: must be an integer between"):
+        parse_ensemble_recipe("models: [{model: ./a}]\ngeneration: {seed: " + "9" * 400 + "}\n")
+    assert parse_route_recipe("models: [{model: ./a}, {model: ./b}]\ndata: d.jsonl\nseed: -5\n")[0].seed == -5

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -610,3 +611,110 @@ models:
   - model: a
 """)
     assert "either 'tokenizer_source' or 'tokenizer'" in message
+
+
+# -- numbers that cannot be numbers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["1" + "0" * 400, "-" + "9" * 400, "1e400", "-1.5e+400", ".nan", ".inf",
+                                   "[0.5, " + "1" + "0" * 400 + "]",
+                                   "[{filter: mlp, value: 1e400}, {value: 1}]"])
+def test_numbers_beyond_a_float_name_the_key_and_the_range(value: str) -> None:
+    message = error(f"merge_method: linear\nmodels:\n  - model: a\n    parameters: {{weight: {value}}}\n")
+    assert "models[0].parameters.weight" in message
+    assert "must be a finite number between -1.8e+308 and 1.8e+308" in message
+    assert len(message) < 300
+
+
+def test_a_400_digit_integer_is_described_not_printed() -> None:
+    message = error("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: "
+                    + "7" * 400 + "}\n")
+    assert "an integer of 400 digits" in message and "7777" not in message
+
+
+def test_an_integer_python_cannot_convert_names_the_line() -> None:
+    message = error("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: "
+                    + "9" * 5000 + "}\n")
+    assert message.startswith("r.yaml:4:26 ") and "5000 digits" in message
+
+
+def test_the_largest_finite_numbers_are_still_accepted() -> None:
+    recipe = parse("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.7e308}\n"
+                   "  - model: b\n    parameters: {weight: " + "9" * 300 + "}\n")
+    assert recipe.models is not None and recipe.models[0].parameters == {"weight": 1.7e308}
+    assert recipe.models[1].parameters == {"weight": float("9" * 300)}
+
+
+def test_a_layer_range_beyond_any_model_is_refused_with_the_bound() -> None:
+    message = error("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n"
+                    "        layer_range: [0, " + "1" + "0" * 400 + "]\n")
+    assert "slices[0].sources[0].layer_range" in message and "<= 100000" in message
+    assert len(message) < 300
+    assert parse("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n"
+                 "        layer_range: [0, 100000]\n").slices is not None
+
+
+def test_a_huge_value_is_quoted_short() -> None:
+    message = error("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: ["
+                    + ", ".join(["[1]"] * 3000) + "]}\n")
+    assert "models[0].parameters.weight" in message and "characters)" in message
+    assert len(message) < 400
+
+
+# -- mergekit keys refused, not ignored -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("block", "key", "where"), [
+    ("tokenizer:\n  source: a\n  tokens:\n    <pad>: {source: a}\n", "tokenizer.tokens", "r.yaml:6:3 "),
+    ("tokenizer: {source: a, pad_to_multiple_of: 64}\n", "tokenizer.pad_to_multiple_of", "r.yaml:4:24 "),
+])
+def test_tokenizer_surgery_keys_are_refused(block: str, key: str, where: str) -> None:
+    message = error("merge_method: linear\nmodels:\n  - model: a\n" + block)
+    assert message.startswith(where + key + ": ")
+    assert "not supported by fusekit yet" in message and "remove it" in message
+
+
+def test_tokenizer_block_with_only_a_source_is_accepted() -> None:
+    recipe = parse("merge_method: linear\nmodels:\n  - model: a\ntokenizer: {source: a, tokens: null}\n")
+    assert recipe.tokenizer is not None and recipe.tokenizer.source == "a"
+
+
+def test_slice_residual_weight_is_refused() -> None:
+    message = error("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n"
+                    "        layer_range: [0, 2]\n    residual_weight: 0.5\n")
+    assert message.startswith("r.yaml:6:5 slices[0].residual_weight: ")
+    assert "not supported by fusekit yet" in message
+
+
+# -- bounded reads ----------------------------------------------------------------------------------
+
+
+def test_a_recipe_over_the_size_limit_is_refused_before_parsing(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("merge_method: linear\nmodels: [{model: a}]\nchat_template: '" + "x" * 5000 + "'\n",
+                    encoding="utf-8")
+    monkeypatch.setenv("FUSEKIT_MAX_RECIPE_BYTES", "4096")
+    with pytest.raises(RecipeError, match="larger than the 4096 bytes limit.*FUSEKIT_MAX_RECIPE_BYTES"):
+        load_merge_recipe(path)
+    monkeypatch.setenv("FUSEKIT_MAX_RECIPE_BYTES", "8192")
+    assert load_merge_recipe(path)[0].chat_template == "x" * 5000
+
+
+@pytest.mark.parametrize(("make", "expected"), [
+    (lambda p: p.mkdir(), "is a folder"),
+    (lambda p: __import__("os").mkfifo(p), "FIFO"),
+    (lambda p: p.symlink_to("/dev/zero"), "character device"),
+])
+def test_a_recipe_that_is_not_a_regular_file_is_refused(tmp_path: Path, make: Any, expected: str) -> None:
+    path = tmp_path / "r.yaml"
+    make(path)
+    with pytest.raises(RecipeError, match=expected) as info:
+        load_merge_recipe(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_recipe_path_through_a_file_is_not_found(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_merge_recipe(tmp_path / "file" / "r.yaml")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fusekit.errors import FusekitError
+from fusekit.io.userfiles import TEXT_LIMIT, read_user_text
 from fusekit.lm.load import LoadedLM
 
 DEFAULT_MAX_CONTEXT = 1024
@@ -52,6 +53,7 @@ class TextScore:
         return math.exp(self.nll_nats / self.n_tokens) if self.n_tokens else math.nan
 
     def __add__(self, other: TextScore) -> TextScore:
+        """The score of two texts together (bytes, tokens and NLL added)."""
         return TextScore(self.n_bytes + other.n_bytes, self.n_tokens + other.n_tokens,
                          self.nll_nats + other.nll_nats)
 
@@ -176,6 +178,16 @@ def score_texts(lm: LoadedLM, texts: Sequence[str], *, context: int | None = Non
     Same numbers as calling :func:`score_text` on each text (up to float rounding of batched
     matrix products). See :func:`score_text` for ``context``, ``stride`` and the first token.
 
+    Args:
+        lm: a model loaded with its tokenizer.
+        texts: the texts (each non-empty).
+        context: longest window in tokens; default the model's max positions, capped at 1024.
+        stride: how far each further window moves; default ``context // 2``.
+        batch_size: windows per forward pass.
+
+    Returns:
+        One :class:`TextScore` per text, in order.
+
     Raises:
         FusekitError: a text is empty, the model has no tokenizer, or context/stride are invalid.
     """
@@ -220,6 +232,12 @@ def score_text(lm: LoadedLM, text: str, *, context: int | None = None, stride: i
         stride: how far each further window moves; default ``context // 2``.
         batch_size: windows per forward pass.
 
+    Returns:
+        The text's :class:`TextScore`.
+
+    Raises:
+        FusekitError: the text is empty, the model has no tokenizer, or context/stride are invalid.
+
     Example:
         >>> s = score_text(lm, "def f(x):\\n    return x\\n")
         >>> s.bits_per_byte, s.perplexity
@@ -230,10 +248,10 @@ def score_text(lm: LoadedLM, text: str, *, context: int | None = None, stride: i
 def read_text_file(path: str | Path) -> str:
     """A UTF-8 text file to score; one-line errors for a missing, unreadable or empty file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a FIFO or device exists: read_user_text refuses it by name
         raise FusekitError(f"text file {path} does not exist; pass a UTF-8 text file to --text")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_user_text(path, what="text file", limit=TEXT_LIMIT)
     except UnicodeDecodeError as exc:
         raise FusekitError(f"text file {path} is not UTF-8 (byte {exc.start}); convert it first") from None
     except OSError as exc:

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from pydantic import TypeAdapter, ValidationError
 
 from fusekit.ops import MergeMethod, get_method, method_names
-from fusekit.recipe.load import Location, format_location, suggest
+from fusekit.recipe.load import Location, format_location, short_repr, suggest
 from fusekit.recipe.schema import Filtered, MergeRecipe, ParameterValue
 
 Problem = tuple[Location, str]
@@ -68,7 +68,7 @@ def _check_parameter(method: MergeMethod, loc: Location, name: str,
             adapter.validate_python(leaf)
         except ValidationError as exc:
             reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
-            problems.append((leaf_loc, f"{reason}, got {leaf!r}"))
+            problems.append((leaf_loc, f"{reason}, got {short_repr(leaf)}"))
     return problems
 
 

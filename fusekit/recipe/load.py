@@ -19,12 +19,14 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from fusekit.errors import RecipeError
+from fusekit.io.userfiles import RECIPE_LIMIT, UserFileError, read_user_text
 
 Location = tuple[str | int, ...]
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 # Aliases can expand exponentially ("billion laughs"); recipes never need many.
 _MAX_ALIASES = 100
+_MAX_INT_CHARS = 1000  # 10**1000 is beyond every float; Python refuses int() past 4300 digits
 _MAX_NODES = 100_000  # values in the expanded document; real recipes have a few hundred
 
 
@@ -50,6 +52,19 @@ def format_location(loc: Iterable[str | int]) -> str:
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, so an error quoting a huge value stays short.
+
+    >>> short_repr("x" * 200, limit=10)
+    "'xxxxxxx... (202 characters)"
+    """
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond Python's digit limit for str()
+        return "an integer of thousands of digits"
+    return text if len(text) <= limit else f"{text[:limit - 2]}... ({len(text)} characters)"
 
 
 def _collect_marks(node: yaml.Node, loc: Location, marks: dict[Location, tuple[int, int]],
@@ -100,6 +115,16 @@ class _CountingLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """An integer, refusing ones too long for Python to convert (more than 4300 digits)."""
+        if len(node.value) > _MAX_INT_CHARS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(node.value)} digits is far outside any range a recipe "
+                f"accepts; write a number of at most {_MAX_INT_CHARS} digits", node.start_mark)
+        return int(super().construct_yaml_int(node))
+
+
+_CountingLoader.add_constructor("tag:yaml.org,2002:int", _CountingLoader.construct_yaml_int)
 _CountingLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
     list("-+0123456789."))
@@ -193,7 +218,7 @@ def _describe(root: type[BaseModel], data: Any, error: Any, source: RecipeSource
         path = _data_path(data, error["loc"][:-1])
         message = f"required key '{error['loc'][-1]}' is missing"
     elif "input" in error and error["type"] not in ("value_error", "assertion_error"):
-        message = f"{message}, got {error['input']!r}"
+        message = f"{message}, got {short_repr(error['input'])}"
     label = format_location(path)
     return f"{source.where(path)} {label + ': ' if label else ''}{message}"
 
@@ -240,12 +265,20 @@ def parse_recipe(text: str, name: str, root: type[ModelT],
 
 
 def read_recipe_text(path: Path) -> str:
-    """The recipe file's text, or a one-line error naming the file."""
+    """The recipe file's text, at most :data:`~fusekit.io.userfiles.RECIPE_LIMIT` bytes of a regular
+    file, or a one-line error naming the file."""
     try:
-        return path.read_text(encoding="utf-8")
+        return read_user_text(path, what="recipe", limit=RECIPE_LIMIT)
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found; check the path") from None
-    except IsADirectoryError:
-        raise RecipeError(f"{path}: is a folder, expected a YAML recipe file") from None
+    except NotADirectoryError:
+        raise RecipeError(f"{path}: recipe file not found (a part of the path is a file, not a "
+                          "folder); check the path") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: is not UTF-8 text; a recipe is a YAML file") from None
+    except PermissionError:
+        raise RecipeError(f"{path}: permission denied; make the recipe readable") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: the recipe cannot be read ({exc.strerror or exc})") from None
+    except UserFileError as exc:
+        raise RecipeError(str(exc)) from None

@@ -8,11 +8,13 @@ interpolated across the layers) or a list of ``{filter, value}`` entries matched
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from fusekit.recipe.load import short_repr
+from fusekit.recipe.numbers import finite_float, is_number
 
 DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
 
@@ -44,24 +46,18 @@ class Filtered:
 ParameterValue = Scalar | Gradient | tuple[Filtered, ...]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _parse_scalar_or_gradient(value: Any) -> Scalar | Gradient:
     if isinstance(value, (bool, str)):
         return value
-    if _is_number(value):
-        if not math.isfinite(value):
-            raise ValueError(f"must be a finite number, got {value!r}")
-        return float(value)
-    if isinstance(value, list) and value and all(_is_number(v) for v in value):
-        return tuple(float(v) for v in value)
+    if is_number(value):
+        return finite_float(value)
+    if isinstance(value, list) and value and all(is_number(v) for v in value):
+        return tuple(finite_float(v) for v in value)
     if isinstance(value, list) and value and all(isinstance(v, (bool, str)) for v in value):
         return tuple(value)  # a step list: each layer takes the entry at floor(t · (n − 1))
     raise ValueError(
         f"must be a number, a list of numbers (a gradient across layers) or a list of "
-        f"{{filter, value}} entries, got {value!r}"
+        f"{{filter, value}} entries, got {short_repr(value)}"
     )
 
 
@@ -74,11 +70,11 @@ def parse_parameter_value(value: Any) -> ParameterValue:
             if unknown or "value" not in entry:
                 raise ValueError(
                     "each filtered entry must be {filter: <tensor name part>, value: <number>}, "
-                    f"got {entry!r}"
+                    f"got {short_repr(entry)}"
                 )
             flt = entry.get("filter")
             if flt is not None and not isinstance(flt, str):
-                raise ValueError(f"filter must be a string, got {flt!r}")
+                raise ValueError(f"filter must be a string, got {short_repr(flt)}")
             entries.append(Filtered(filter=flt, value=_parse_scalar_or_gradient(entry["value"])))
         return tuple(entries)
     return _parse_scalar_or_gradient(value)
@@ -98,7 +94,8 @@ def _parse_model_ref(value: Any) -> Any:
             )
         if isinstance(inner, dict):
             if set(inner) - {"path", "revision"} or "path" not in inner:
-                raise ValueError(f"a model reference needs 'path' (and optional 'revision'), got {inner!r}")
+                raise ValueError("a model reference needs 'path' (and optional 'revision'), "
+                                 f"got {short_repr(inner)}")
             path, revision = inner["path"], inner.get("revision")
             return f"{path}@{revision}" if revision else str(path)
         return inner
@@ -106,12 +103,15 @@ def _parse_model_ref(value: Any) -> Any:
         if not value.strip():
             raise ValueError("a model reference must not be empty")
         if "+" in value and not value.endswith(".safetensors"):
-            raise ValueError(f"LoRA references ('model+adapter') are not supported yet: {value!r}")
+            raise ValueError(f"LoRA references ('model+adapter') are not supported yet: {short_repr(value)}")
         return value
-    raise ValueError(f"a model reference must be a path or Hub id string, got {value!r}")
+    raise ValueError(f"a model reference must be a path or Hub id string, got {short_repr(value)}")
 
 
 ModelRefText = Annotated[str, BeforeValidator(_parse_model_ref)]
+
+
+MAX_LAYERS = 100_000  # a bound on layer indices far above any model's depth
 
 
 class _Strict(BaseModel):
@@ -136,17 +136,34 @@ class SliceSource(_Strict):
     @classmethod
     def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
         start, end = value
-        if start < 0 or end <= start:
-            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(value)}")
+        if not 0 <= start < end <= MAX_LAYERS:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end <= {MAX_LAYERS}, "
+                             f"got {short_repr(list(value))}")
         return value
 
 
+def _not_supported_yet(what: str) -> Any:
+    """A validator refusing a mergekit key fusekit recognises but does not implement: a recipe that
+    sets it must not merge as if it were absent."""
+
+    def refuse(value: Any) -> Any:
+        if value is not None:
+            raise ValueError(f"mergekit's '{what}' is recognised but not supported by fusekit yet; "
+                             "remove it (fusekit will not merge as if it were absent)")
+        return value
+
+    return BeforeValidator(refuse)
+
+
 class OutputSlice(_Strict):
-    """One entry of ``slices:``; its sources are merged layer by layer."""
+    """One entry of ``slices:``; its sources are merged layer by layer.
+
+    mergekit's ``residual_weight`` is refused: it is recognised but not supported yet.
+    """
 
     sources: list[SliceSource] = Field(min_length=1)
     base_model: ModelRefText | None = None
-    residual_weight: float | None = None
+    residual_weight: Annotated[float | None, _not_supported_yet("residual_weight")] = None
     parameters: Parameters | None = None
 
     @model_validator(mode="after")
@@ -159,11 +176,12 @@ class OutputSlice(_Strict):
 
 
 class TokenizerConfig(_Strict):
-    """mergekit's ``tokenizer:`` block."""
+    """mergekit's ``tokenizer:`` block; only ``source`` is supported, ``tokens`` and
+    ``pad_to_multiple_of`` (tokenizer surgery) are recognised and refused."""
 
     source: ModelRefText | None = None
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+    tokens: Annotated[Any, _not_supported_yet("tokenizer.tokens")] = None
+    pad_to_multiple_of: Annotated[Any, _not_supported_yet("tokenizer.pad_to_multiple_of")] = None
 
 
 class MergeRecipe(_Strict):
