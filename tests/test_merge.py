@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -543,7 +544,10 @@ def test_model_card_and_recipe_copy(tiny_models: dict[str, Path], tmp_path: Path
     assert front["merge_method"] == "linear"
     assert front["base_model"] == []  # local paths are not Hub ids
     assert "# my-merge" in card
-    assert recipe_text.strip() in card
+    shown = recipe_text  # models named by absolute path appear relative to the recipe's folder
+    for model in (tiny_models["base"], tiny_models["math"]):
+        shown = shown.replace(str(model), Path(os.path.relpath(model, tmp_path)).as_posix())
+    assert shown.strip() in card and str(tiny_models["base"]) not in card
     assert (out / "generation_config.json").read_text() == (
         tiny_models["base"] / "generation_config.json").read_text()
 
@@ -570,6 +574,7 @@ def test_failing_merge_with_overwrite_keeps_previous_output(tiny_models: dict[st
     work = tmp_path / "work"
     (work / "out").mkdir(parents=True)
     (work / "out" / "keep.txt").write_text("previous")
+    (work / "out" / "fusekit.lock").write_text("{}")  # --overwrite replaces only fusekit outputs
     recipe = write_recipe(work / "r.yaml", "merge_method: linear\nmodels:\n"
                           + model_yaml(tiny_models["base"], "{weight: 2.0}")
                           + model_yaml(tiny_models["math"], "{weight: -2.0}"))
@@ -577,7 +582,7 @@ def test_failing_merge_with_overwrite_keeps_previous_output(tiny_models: dict[st
         fusekit.merge(recipe, work / "out")
     with pytest.raises(FusekitError, match="sum to 0"):
         fusekit.merge(recipe, work / "out", overwrite=True)
-    assert sorted(p.name for p in (work / "out").iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in (work / "out").iterdir()) == ["fusekit.lock", "keep.txt"]
     assert sorted(p.name for p in work.iterdir()) == ["out", "r.yaml"]
 
 
@@ -585,6 +590,7 @@ def test_overwrite_replaces_previous_output(tiny_models: dict[str, Path], tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.safetensors").write_bytes(b"junk")
+    (out / "fusekit.lock").write_text("{}")  # a previous fusekit output: --overwrite may replace it
     recipe = write_recipe(tmp_path / "r.yaml", "merge_method: passthrough\nmodels:\n"
                           + model_yaml(tiny_models["code"]))
     fusekit.merge(recipe, out, overwrite=True)

@@ -135,3 +135,36 @@ def test_sigkill_then_resume_via_cli(tiny_models: dict[str, Path], tmp_path: Pat
     assert whole.returncode == 0, whole.stderr
     assert files(tmp_path / "a" / "out") == files(out)
     assert partial_folders(out) == []
+
+
+def test_resume_checks_inputs_by_content(tiny_models: dict[str, Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input edited in place with its size and mtime restored: no shard of the old run is kept,
+    and the output is what the edited inputs give."""
+    import shutil
+
+    models = {}
+    for name in ("math", "code"):
+        models[name] = tmp_path / "models" / name
+        shutil.copytree(tiny_models[name], models[name])
+    recipe = recipe_for(tmp_path, models)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 12)
+        with pytest.raises(KeyboardInterrupt):
+            fusekit.merge(recipe, tmp_path / "b" / "out", out_shard_size=SHARD, resume=True,
+                          pipelined=False, random_seed=5)
+    (partial,) = partial_folders(tmp_path / "b" / "out")
+    journal = read_journal(partial)
+    assert journal is not None and len(journal[1]) >= 2 and "inputs" in journal[0]
+    weights = models["code"] / "model.safetensors"
+    info = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-4] ^= 0x40  # the last float of the last tensor changes
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns))
+    resumed = fusekit.merge(recipe, tmp_path / "b" / "out", out_shard_size=SHARD, resume=True,
+                            random_seed=5)
+    assert resumed.kept_shards == 0
+    whole = fusekit.merge(recipe, tmp_path / "a" / "out", out_shard_size=SHARD, random_seed=5)
+    assert files(tmp_path / "a" / "out") == files(tmp_path / "b" / "out")
+    assert whole.kept_shards == 0 and partial_folders(tmp_path / "b" / "out") == []

@@ -2,14 +2,17 @@
 
 A merge writes into a hidden partial folder (see :func:`fusekit.io.writer.atomic_output`). Beside the
 shards it keeps ``fusekit.journal``: a first line naming the run (a key over the recipe, the input
-files' sizes and modification times, the output layout and the library versions, plus the seed), then
-one line per completed shard with its sha256, appended once the shard is flushed to disk.
+files' names and sizes, the output layout and the library versions, plus the seed), a line with a
+digest of the inputs' sha256s once they are hashed, and one line per completed shard with its
+sha256, appended once the shard is written.
 
 ``fusekit merge --resume`` looks for such a folder left by a run that is no longer alive, checks that
-its key matches the current run, re-hashes every journaled shard and keeps those whose digest still
-matches; the executor then skips the tensors of kept shards. Shards are laid out in plan order and
-hold the same bytes whatever the run, so the finished output is byte-identical to an uninterrupted
-run. The journal is removed before the output is renamed into place.
+its key matches the current run and that its inputs digest matches the inputs hashed again now, byte
+by byte (a file edited in place with its size and modification time restored is still noticed; a
+journal without the inputs line is not trusted), re-hashes every journaled shard and keeps those
+whose digest still matches; the executor then skips the tensors of kept shards. Shards are laid out
+in plan order and hold the same bytes whatever the run, so the finished output is byte-identical to
+an uninterrupted run. The journal is removed before the output is renamed into place.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,16 +41,36 @@ def run_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class Journal:
-    """Appends completed shards to ``folder/fusekit.journal``; thread-safe."""
+def inputs_digest(inputs: Mapping[str, Any]) -> str:
+    """One digest over the inputs' sizes and sha256s (:meth:`InputFingerprints.result`)."""
+    return run_key({"inputs": inputs})
 
-    def __init__(self, folder: Path, *, key: str, seed: int, fresh: bool) -> None:
+
+class Journal:
+    """Appends completed shards to ``folder/fusekit.journal``; thread-safe.
+
+    Args:
+        folder: the partial output folder.
+        key / seed: what the run is (written as the first line of a fresh journal).
+        fresh: start a new journal (False: continue a resumed one).
+        inputs: returns the inputs digest once the inputs are hashed (else None); it is asked at
+            each completed shard until it answers, and the answer is journaled before the shard.
+    """
+
+    def __init__(self, folder: Path, *, key: str, seed: int, fresh: bool,
+                 inputs: Callable[[], str | None] | None = None) -> None:
         self.path = folder / JOURNAL_FILE
         self._lock = threading.Lock()
+        self._inputs = inputs
         if fresh:
             self._append({"key": key, "seed": seed})
 
     def record(self, name: str, sha256: str, size: int) -> None:
+        if self._inputs is not None:
+            digest = self._inputs()
+            if digest is not None:
+                self._inputs = None
+                self._append({"inputs": digest})
         self._append({"shard": name, "sha256": sha256, "size": size})
 
     def _append(self, entry: Mapping[str, Any]) -> None:
@@ -84,16 +107,18 @@ def read_journal(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[str, int
         if not isinstance(entry, dict):
             break
         entries.append(entry)
-    header = entries[0] if entries else {}
+    header = dict(entries[0]) if entries else {}
     if not isinstance(header.get("key"), str) or not isinstance(header.get("seed"), int):
         return None
     shards = {}
     for entry in entries[1:]:
+        if isinstance(entry.get("inputs"), str):
+            header["inputs"] = entry["inputs"]
         name, digest, size = entry.get("shard"), entry.get("sha256"), entry.get("size")
         if isinstance(name, str) and Path(name).name == name and isinstance(digest, str) \
                 and isinstance(size, int):
             shards[name] = (digest, size)
-    return entries[0], shards
+    return header, shards
 
 
 @dataclass
@@ -106,9 +131,11 @@ class Resumable:
     journaled: int = 0
 
 
-def find_resumable(out_dir: Path, *, key: str, seed: int | None) -> Resumable | None:
+def find_resumable(out_dir: Path, *, key: str, seed: int | None,
+                   inputs: str | None = None) -> Resumable | None:
     """The newest partial folder of ``out_dir`` whose journal matches ``key`` (and ``seed`` when
-    given), with its shards verified; partial folders of dead runs that do not match are removed."""
+    given, and the inputs digest ``inputs`` when given: see :func:`inputs_digest`), with its shards
+    verified; partial folders of dead runs that do not match are removed."""
     chosen: Resumable | None = None
     for folder in partial_folders(out_dir):
         owner = partial_owner(folder)
@@ -119,10 +146,14 @@ def find_resumable(out_dir: Path, *, key: str, seed: int | None) -> Resumable | 
         journal = read_journal(folder)
         matches = (journal is not None and chosen is None and journal[0]["key"] == key
                    and (seed is None or journal[0]["seed"] == seed))
+        if matches and journal is not None and inputs is not None and journal[0].get("inputs") != inputs:
+            matches = False
+            log.warning("removing %s: the input files' content differs from what it was built from "
+                        "(or was not yet recorded)", folder.name)
+        elif not matches and chosen is None:
+            log.warning("removing %s: it was left by an interrupted run of a different recipe, "
+                        "inputs or options", folder.name)
         if not matches or journal is None:
-            if chosen is None:
-                log.warning("removing %s: it was left by an interrupted run of a different recipe, "
-                            "inputs or options", folder.name)
             shutil.rmtree(folder, ignore_errors=True)
             continue
         header, shards = journal

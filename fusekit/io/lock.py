@@ -4,12 +4,14 @@ Every merge writes ``OUT_DIR/fusekit.lock`` (JSON) holding the fusekit, torch, s
 huggingface_hub versions, the recipe's sha256, the options that change the bytes written, the random
 seed, every input file's size and sha256 (for Hub inputs, the resolved commit and each file's size),
 and the size and sha256 of every output file. No token, absolute path or timestamp is recorded, so the
-same inputs give the same lock.
+same inputs give the same lock: a model the recipe names by absolute path is recorded relative to
+the recipe's folder (:func:`portable_refs`).
 
 Input files are hashed on a thread pool while the merge runs (:class:`InputFingerprints`), or their
-digests taken from a stat-keyed cache when unchanged (:mod:`fusekit.io.digests`); the lock is
-compared field by field (:func:`lock_differences`) to decide whether an output is up to date and
-whether ``--locked`` may proceed.
+digests taken from a stat-keyed cache when unchanged (:mod:`fusekit.io.digests`; ``--locked``
+re-hashes every byte); the lock is compared field by field (:func:`stale_reason`) to decide whether
+an output is up to date and whether ``--locked`` may proceed. :func:`verify_output` re-hashes a
+finished output against its lock and notices files added to it (``push`` runs it first).
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ import functools
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from fusekit.errors import CheckpointError, LockMismatchError
+from fusekit.errors import CheckpointError, FusekitError, LockMismatchError
 from fusekit.io.digests import DigestCache
-from fusekit.io.refs import SAFETENSORS_INDEX, ResolvedModel
+from fusekit.io.refs import SAFETENSORS_INDEX, ResolvedModel, hub_repo_id
 from fusekit.io.tokenizer import GENERATION_CONFIG, TOKENIZER_FILES
+from fusekit.io.userfiles import read_user_text
 from fusekit.io.writer import file_sha256, write_text
 from fusekit.version import __version__
 
@@ -85,13 +89,37 @@ def _relative(path: Path, folder: Path) -> str:
         return path.name
 
 
-def stat_fingerprint(models: Mapping[str, ResolvedModel]) -> list[list[Any]]:
-    """(ref, file, size, mtime) of every input file: cheap, for recognising a run to resume."""
+def portable_refs(refs: Iterable[str], recipe_dir: Path) -> dict[str, str]:
+    """ref → how locks and model cards name it: a local path written absolute (or with ``~``) becomes
+    relative to ``recipe_dir``; other references stay as written.
+
+    Example:
+        >>> portable_refs(["/data/models/a", "org/b"], Path("/data/recipes"))
+        {'/data/models/a': '../models/a', 'org/b': 'org/b'}
+    """
+    names: dict[str, str] = {}
+    for ref in refs:
+        path = Path(ref).expanduser()
+        name = ref
+        if hub_repo_id(ref) is None and path.is_absolute():
+            name = Path(os.path.relpath(path, recipe_dir.absolute())).as_posix()
+        while name in names.values():  # an absolute and a relative spelling of one folder
+            name = f"{name} ({len(names)})"
+        names[ref] = name
+    return names
+
+
+def input_layout(models: Mapping[str, ResolvedModel]) -> list[list[Any]]:
+    """(ref, file, size) of every input file: cheap, for recognising a run to resume (the content is
+    compared by digest, see :func:`fusekit.io.journal.find_resumable`; a modification time is not
+    evidence either way)."""
     rows: list[list[Any]] = []
     for ref, model in sorted(models.items()):
         for name, path in model_files(model).items():
-            info = path.stat()
-            rows.append([ref, name, info.st_size, info.st_mtime_ns])
+            try:
+                rows.append([ref, name, path.stat().st_size])
+            except OSError as exc:
+                raise CheckpointError(f"model '{ref}': cannot read {path} ({exc.strerror or exc})") from None
     return rows
 
 
@@ -100,12 +128,20 @@ class InputFingerprints:
 
     Hub inputs are identified by their resolved commit and file sizes; they are not hashed (the
     commit already names their content). Digests of unchanged local files come from the
-    :class:`~fusekit.io.digests.DigestCache`. ``result()`` waits for the digests.
+    :class:`~fusekit.io.digests.DigestCache` unless ``rehash``. ``result()`` waits for the digests.
+
+    Args:
+        models: ref → resolved model.
+        workers: hashing threads (default: up to 4).
+        rehash: hash every byte, trusting no cached digest (``--locked``, ``--resume``).
+        names: ref → the name the result uses for it (see :func:`portable_refs`); default the ref.
     """
 
-    def __init__(self, models: Mapping[str, ResolvedModel], *, workers: int | None = None) -> None:
+    def __init__(self, models: Mapping[str, ResolvedModel], *, workers: int | None = None,
+                 rehash: bool = False, names: Mapping[str, str] | None = None) -> None:
         self._models = dict(sorted(models.items()))
-        self._cache = DigestCache()
+        self._names = dict(names or {})
+        self._cache = DigestCache(rehash=rehash)
         self._pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1),
                                         thread_name_prefix="fusekit-hash")
         self._futures: dict[tuple[str, str], Future[str]] = {}
@@ -116,31 +152,48 @@ class InputFingerprints:
                 self._futures[(ref, name)] = self._pool.submit(self._cache.digest, path)
         self._pool.shutdown(wait=False)
         self._result: dict[str, dict[str, Any]] | None = None
+        self._lock = threading.Lock()
 
     def result(self) -> dict[str, dict[str, Any]]:
-        """ref → ``{"hub_id", "revision", "files": {name: {"size", "sha256"}}}``."""
-        if self._result is None:
-            inputs: dict[str, dict[str, Any]] = {}
-            for ref, model in self._models.items():
-                entry: dict[str, Any] = {}
-                if model.hub_id is not None:
-                    entry = {"hub_id": model.hub_id, "revision": model.revision}
-                files: dict[str, dict[str, Any]] = {}
-                for name, path in model_files(model).items():
-                    row: dict[str, Any] = {"size": path.stat().st_size}
-                    future = self._futures.get((ref, name))
-                    if future is not None:
-                        try:
-                            row["sha256"] = future.result()
-                        except OSError as exc:
-                            raise CheckpointError(f"model '{ref}': cannot read {path} "
-                                                  f"({exc.strerror or exc})") from None
-                    files[name] = row
-                entry["files"] = files
-                inputs[ref] = entry
-            self._result = inputs
-            self._cache.save()
-        return self._result
+        """name → ``{"hub_id", "revision", "files": {file: {"size", "sha256"}}}``.
+
+        Raises:
+            CheckpointError: an input file vanished or cannot be read (one line naming it).
+        """
+        with self._lock:
+            if self._result is None:
+                inputs = {self._names.get(ref, ref): self._entry(ref, model)
+                          for ref, model in self._models.items()}
+                self._result = dict(sorted(inputs.items()))
+                self._cache.save()
+            return self._result
+
+    def _entry(self, ref: str, model: ResolvedModel) -> dict[str, Any]:
+        entry: dict[str, Any] = {}
+        if model.hub_id is not None:
+            entry = {"hub_id": model.hub_id, "revision": model.revision}
+        files: dict[str, dict[str, Any]] = {}
+        for name, path in model_files(model).items():
+            try:
+                row: dict[str, Any] = {"size": path.stat().st_size}
+                future = self._futures.get((ref, name))
+                if future is not None:
+                    row["sha256"] = future.result()
+            except OSError as exc:
+                raise CheckpointError(f"model '{ref}': cannot read {path} ({exc.strerror or exc}); "
+                                      "was it moved or deleted during the run?") from None
+            files[name] = row
+        entry["files"] = files
+        return entry
+
+    @property
+    def names(self) -> dict[str, str]:
+        """ref → the name :meth:`result` gives it."""
+        return {ref: self._names.get(ref, ref) for ref in self._models}
+
+    def done(self) -> bool:
+        """True once every digest is computed (``result()`` would not wait)."""
+        return all(future.done() for future in self._futures.values())
 
     def cancel(self) -> None:
         for future in self._futures.values():
@@ -181,7 +234,7 @@ def read_lock(path: Path) -> dict[str, Any]:
         if path.stat().st_size > MAX_LOCK_BYTES:
             raise LockMismatchError(f"{path}: larger than {MAX_LOCK_BYTES // 2**20} MiB; not a "
                                     "fusekit lock file")
-        lock = json.loads(path.read_text(encoding="utf-8"))
+        lock = json.loads(read_user_text(path, what="lock file", limit=MAX_LOCK_BYTES))
     except FileNotFoundError:
         raise LockMismatchError(f"{path}: lock file not found; run the merge once without "
                                 "--locked to create it, or pass --lock-file") from None
@@ -232,11 +285,12 @@ def check_locked(lock_path: Path, current_inputs: Mapping[str, Any]) -> None:
                                 "restore them, or merge without --locked to update the lock")
 
 
-def stale_reason(old: Mapping[str, Any], new: Mapping[str, Any], folder: Path) -> str | None:
+def stale_reason(old: Mapping[str, Any], new: Mapping[str, Any], folder: Path, *,
+                 rehash: bool = False) -> str | None:
     """Why the output in ``folder`` (locked by ``old``) does not match ``new``; None: up to date.
 
-    ``new`` is a lock without outputs; the output files are checked against ``old``'s digests, so a
-    shard changed or removed by hand is noticed.
+    ``new`` is a lock without outputs; the output files are checked against ``old``'s digests (every
+    byte re-hashed when ``rehash``), so a shard changed, removed or added by hand is noticed.
     """
     if old.get("versions") != new["versions"]:
         return "the fusekit, torch, safetensors or huggingface_hub version changed"
@@ -250,15 +304,25 @@ def stale_reason(old: Mapping[str, Any], new: Mapping[str, Any], folder: Path) -
     differences = input_differences(old.get("inputs", {}), new["inputs"])
     if differences or set(old.get("inputs", {})) != set(new["inputs"]):
         return differences[0] if differences else "the recipe's models changed"
-    return verify_outputs(old, folder)
+    return verify_outputs(old, folder, rehash=rehash)
 
 
-def verify_outputs(lock: Mapping[str, Any], folder: Path) -> str | None:
-    """Why the files in ``folder`` differ from those ``lock`` records; None when all match."""
+def verify_outputs(lock: Mapping[str, Any], folder: Path, *, rehash: bool = True) -> str | None:
+    """Why the files in ``folder`` differ from those ``lock`` records; None when all match.
+
+    Every recorded file must be there with its size and sha256 (re-hashed byte by byte unless
+    ``rehash`` is False, when the ctime-keyed digest cache may answer), and nothing else may be:
+    an added file or folder (a stray shard would be pushed and may be loaded) is a difference.
+    Hidden entries and the lock itself are not part of an output.
+    """
     outputs = lock.get("outputs")
     if not isinstance(outputs, dict) or not outputs:
         return "the lock lists no output files"
-    cache = DigestCache()
+    extra = sorted(p.name for p in folder.iterdir()
+                   if p.name not in outputs and p.name != LOCK_FILE and not p.name.startswith("."))
+    if extra:
+        return f"{extra[0]} was added to the output folder after the lock was written"
+    cache = DigestCache(rehash=rehash)
     try:
         for name, row in sorted(outputs.items()):
             path = folder / name
@@ -269,3 +333,35 @@ def verify_outputs(lock: Mapping[str, Any], folder: Path) -> str | None:
     finally:
         cache.save()
     return None
+
+
+def verify_output(out_dir: str | Path) -> None:
+    """Re-hash every file of a finished output against its ``fusekit.lock`` (run before ``push``).
+
+    Raises:
+        FusekitError: one line naming the first file that is missing, modified or added, or
+            :class:`LockMismatchError` when the lock is missing or unreadable.
+
+    Example:
+        >>> verify_output("./merged")  # doctest: +SKIP
+    """
+    folder = Path(out_dir)
+    lock = read_lock(folder / LOCK_FILE)
+    changed = verify_outputs(lock, folder, rehash=True)
+    if changed is not None:
+        raise FusekitError(f"'{folder}': {changed} ({LOCK_FILE} records other content); build it "
+                           "again (--overwrite) before using or pushing it")
+
+
+def seal_output(folder: Path, *, kind: str, recipe_text: str | None = None,
+                recipe_name: str | None = None) -> None:
+    """Write a ``fusekit.lock`` recording ``folder``'s files, for outputs other than merges (``moe``).
+
+    It marks the folder as a fusekit output (so ``--overwrite`` may replace it later) and lets
+    :func:`verify_output` and ``push`` notice files changed or added since.
+    """
+    lock: dict[str, Any] = {"lock_version": LOCK_VERSION, "kind": kind, "versions": library_versions(),
+                            "inputs": {}, "outputs": output_files(folder)}
+    if recipe_text is not None:
+        lock["recipe"] = {"name": recipe_name or "", "sha256": recipe_sha256(recipe_text)}
+    write_lock(folder, lock)

@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from fusekit.errors import NonFiniteError, OutputExistsError, OutputWriteError
+from fusekit.errors import (
+    NonFiniteError,
+    OutputExistsError,
+    OutputPathError,
+    OutputWriteError,
+    note_kept_partial,
+)
 from fusekit.io.layout import (
     INDEX_FILE,
     TensorSpec,
@@ -243,8 +249,40 @@ def write_text(path: Path, text: str) -> None:
         raise write_error(path, exc) from None
 
 
+def check_output_location(out: str | Path, *, what: str = "output folder") -> Path:
+    """Refuse an output path that no command may replace; return it resolved (symlinks followed).
+
+    Refused, whatever the options: ``~`` written literally (the shell did not expand it), the
+    current folder (``.``, and ``''``, which means it) or any folder holding it, the home folder or
+    any folder holding it, and a file system root.
+
+    Raises:
+        OutputPathError: one line naming the path and what to write instead.
+    """
+    text = os.fspath(out)
+    if text == "~" or text.startswith("~/"):
+        raise OutputPathError(f"{what} '{text}': '~' was not expanded to your home folder; write the "
+                              "full path of a new folder instead")
+    resolved = Path(os.path.abspath(text)).resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    why = None
+    if resolved.parent == resolved:
+        why = "is the root of the file system"
+    elif resolved == cwd or resolved in cwd.parents:
+        why = "is the current folder" if resolved == cwd else "holds the current folder"
+    elif resolved == home or resolved in home.parents:
+        why = "is your home folder" if resolved == home else "holds your home folder"
+    if why is not None:
+        shown = text or "''"
+        raise OutputPathError(f"{what} '{shown}' {why}, which fusekit never replaces; name a new "
+                              "folder for the output, e.g. ./merged")
+    return resolved
+
+
 def check_output_folder(out_dir: Path, *, overwrite: bool) -> None:
-    """Refuse an existing non-empty output unless ``overwrite``; refuse a file in its place."""
+    """Refuse an existing non-empty output unless ``overwrite``; refuse a file in its place, and the
+    paths :func:`check_output_location` refuses."""
+    check_output_location(out_dir)
     if out_dir.is_file():
         raise OutputExistsError(f"output '{out_dir}' is a file; choose a folder path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -289,6 +327,8 @@ def atomic_output(out_dir: Path, *, overwrite: bool = False, reuse: Path | None 
         elif isinstance(exc, (OutputWriteError, OSError)):
             log.warning("the partial output is kept in %s; run again with --resume once the "
                         "problem is fixed", temp)
+        else:
+            note_kept_partial(exc, temp)  # the CLI names it instead of "no output was left behind"
         raise
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
