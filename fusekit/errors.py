@@ -58,3 +58,39 @@ class LockMismatchError(FusekitError):
 
 class HubError(FusekitError):
     """The Hugging Face Hub refused a request (bad token, no access, no such repository)."""
+
+
+class OutputPathError(FusekitError, ValueError):
+    """The output path would replace or hold an input, the current folder, ``/`` or the home folder."""
+
+
+class OutputBusyError(OutputExistsError):
+    """Another fusekit run is writing the same output right now."""
+
+
+class HubTimeoutError(HubError, TimeoutError):
+    """The Hub stopped answering and the push's deadline (``FUSEKIT_HUB_TIMEOUT``) passed."""
+
+
+KEPT_PARTIAL_ATTR = "fusekit_kept_partial"
+
+
+def note_kept_partial(exc: BaseException, folder: object) -> None:
+    """Record on an interrupt (or any exception) that the partial output ``folder`` was kept.
+
+    The writer calls this when ``--resume`` keeps its temporary folder, so that the CLI can say
+    where it is instead of claiming that nothing was left behind.
+    """
+    setattr(exc, KEPT_PARTIAL_ATTR, str(folder))
+
+
+def kept_partial(exc: BaseException | None) -> str | None:
+    """The partial folder noted on ``exc`` or on an exception in its cause/context chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        folder = getattr(exc, KEPT_PARTIAL_ATTR, None)
+        if folder is not None:
+            return str(folder)
+        exc = exc.__cause__ or exc.__context__
+    return None

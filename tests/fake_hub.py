@@ -6,6 +6,11 @@ creation, README metadata validation, the preupload endpoint, the LFS batch endp
 uploads and the NDJSON commit endpoint. Every request's method and path is logged; uploaded files
 are stored per repository and branch. ``fail`` makes chosen requests answer an HTTP error a number of
 times (transient 5xx, or a 401 for every call); requests without the expected bearer token get 401.
+``hang`` makes chosen requests wait, unanswered, until the server stops; ``error_text`` is put in
+every error answer (to check that fusekit never repeats what a server says, e.g. a token).
+
+:func:`raw_server` is a bare TCP server for the failures no HTTP server commits: one that accepts and
+never answers, one that drips its answer a byte at a time, one that resets every connection.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +38,10 @@ class HubState:
     requests: list[tuple[str, str]] = field(default_factory=list)
     headers_seen: list[str] = field(default_factory=list)
     fail: dict[str, list[int]] = field(default_factory=dict)  # path substring -> statuses to answer
+    hang: list[str] = field(default_factory=list)  # path substrings never answered
+    error_text: str = ""  # added to every error answer
+    first_request: float | None = None  # time.monotonic() of the first request
+    stopped: threading.Event = field(default_factory=threading.Event)
     commits: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -46,6 +58,8 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
             return self.rfile.read(length) if length else b""
 
         def _send(self, status: int, payload: Any = None) -> None:
+            if status >= 400 and state.error_text and isinstance(payload, dict):
+                payload = {**payload, "error": f"{payload.get('error', '')} {state.error_text}"}
             data = json.dumps(payload if payload is not None else {}).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -57,6 +71,8 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
             body = self._body()
             path = self.path.split("?", 1)[0]
             with state.lock:
+                if state.first_request is None:
+                    state.first_request = time.monotonic()
                 state.requests.append((method, path))
                 state.headers_seen.append(" ".join(f"{k}: {v}" for k, v in self.headers.items()))
                 for part, statuses in state.fail.items():
@@ -64,6 +80,9 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
                         status = statuses.pop(0)
                         self._send(status, {"error": f"fake hub: injected {status}"})
                         return
+            if any(part in path for part in state.hang):
+                state.stopped.wait()  # no answer until the server stops
+                return
             if self.headers.get("Authorization") != f"Bearer {state.token}" and not path.startswith("/lfs/"):
                 self._send(401, {"error": "Invalid credentials in Authorization header"})
                 return
@@ -158,5 +177,72 @@ def fake_hub(token: str) -> Iterator[tuple[str, HubState]]:
     try:
         yield base_url[0], state
     finally:
+        state.stopped.set()
         server.shutdown()
         server.server_close()
+
+
+@dataclass
+class RawServer:
+    url: str
+    connections: int = 0
+    first_request: float | None = None  # time.monotonic() of the first connection
+
+
+def _serve_raw(conn: socket.socket, behaviour: str, stop: threading.Event) -> None:
+    """One connection: "silent" reads and never answers, "drip" sends a status line and then
+    one header byte every 0.2 s, "reset" closes at once with a TCP reset."""
+    with conn:
+        if behaviour == "reset":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
+        conn.settimeout(0.1)
+        if behaviour == "drip":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+        while not stop.wait(0.2):
+            try:
+                if behaviour == "drip":
+                    conn.sendall(b"a")
+                elif not conn.recv(65536):
+                    return  # the client gave up
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+
+@contextmanager
+def raw_server(behaviour: str) -> Iterator[RawServer]:
+    """A TCP server on a free port of 127.0.0.1 that misbehaves as ``behaviour`` says
+    ("silent", "drip" or "reset"); it stops, with all its connections, when the block ends."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    info = RawServer(url=f"http://127.0.0.1:{listener.getsockname()[1]}")
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            info.connections += 1
+            if info.first_request is None:
+                info.first_request = time.monotonic()
+            thread = threading.Thread(target=_serve_raw, args=(conn, behaviour, stop), daemon=True)
+            thread.start()
+            threads.append(thread)
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield info
+    finally:
+        stop.set()
+        acceptor.join(5)
+        for thread in threads:
+            thread.join(5)
+        listener.close()

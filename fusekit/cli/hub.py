@@ -23,7 +23,12 @@ def push(
     commit_message: CommitMessageOpt = None,
     output_format: Annotated[Format, typer.Option("--format", help="Result as text or json.")] = Format.text,
 ) -> None:
-    """Upload OUT_DIR to the Hub (token from HF_TOKEN or the cached login; never printed)."""
+    """Upload OUT_DIR to the Hub (token from HF_TOKEN or the cached login; never printed).
+
+    Each request waits at most FUSEKIT_HUB_REQUEST_TIMEOUT seconds (60) for the server, and the
+    whole push ends within FUSEKIT_HUB_TIMEOUT seconds (10 minutes plus 2 s per MiB), retries
+    included.
+    """
     from fusekit.io.hub import push_to_hub
 
     result = push_to_hub(out_dir, repo_id, private=private, revision=revision,

@@ -5,7 +5,9 @@ has a ``fusekit.lock``, files whose sha256 still match it), creates the reposito
 the branch when a revision is given, and uploads the folder with huggingface_hub in one commit
 (large files through its LFS or Xet transfer). Transient failures (connection errors, HTTP 408, 429
 and 5xx) are retried with exponential backoff; a refused token, missing access or an unknown
-repository is one line naming the repository and what to do.
+repository is one line naming the repository and what to do. Every request has connect and read
+timeouts and the whole push a deadline (:mod:`fusekit.io.hub_deadline`), so a server that never
+answers, drips bytes or resets connections ends in one line, not a hang.
 
 The token comes from ``HF_TOKEN`` or the cached login (``hf auth login``), as huggingface_hub finds
 it; fusekit never prints, logs or writes it.
@@ -15,11 +17,25 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fusekit.errors import FusekitError, HubError
+from fusekit.errors import FusekitError, HubError, HubTimeoutError
+from fusekit.io.hub_deadline import (
+    BASE_DEADLINE,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_RETRY_DELAY,
+    REQUEST_TIMEOUT_ENV,
+    RETRY_DELAY_ENV,
+    TIMEOUT_ENV,
+    Deadline,
+    DeadlineExceeded,
+    check_seconds,
+    default_deadline,
+    env_seconds,
+    limited_session,
+    run_within,
+)
 from fusekit.io.layout import INDEX_FILE
 from fusekit.io.writer import PARTIAL_MARKER
 from fusekit.version import __version__
@@ -27,7 +43,7 @@ from fusekit.version import __version__
 log = logging.getLogger("fusekit")
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 DEFAULT_RETRIES = 4
-RETRY_DELAY_ENV = "FUSEKIT_HUB_RETRY_DELAY"  # first backoff delay in seconds (default 2)
+__all__ = ["RETRY_DELAY_ENV", "PushResult", "check_output", "check_repo_id", "check_settings", "push_to_hub"]
 
 
 @dataclass(frozen=True)
@@ -51,9 +67,21 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def check_settings() -> None:
+    """Check the time settings (``FUSEKIT_HUB_TIMEOUT``, ``FUSEKIT_HUB_REQUEST_TIMEOUT``,
+    ``FUSEKIT_HUB_RETRY_DELAY``) before any work, e.g. before a merge that ends in a push.
+
+    Raises:
+        FusekitError: one of them is set to something other than a number of seconds it allows.
+    """
+    env_seconds(RETRY_DELAY_ENV, DEFAULT_RETRY_DELAY, allow_zero=True)
+    env_seconds(REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT)
+    env_seconds(TIMEOUT_ENV, BASE_DEADLINE)
+
+
 def check_output(folder: Path) -> list[Path]:
     """The files of a finished fusekit output folder, refusing partial or modified ones."""
-    from fusekit.io.lock import LOCK_FILE, read_lock, verify_outputs
+    from fusekit.io.lock import LOCK_FILE, verify_output
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -68,20 +96,19 @@ def check_output(folder: Path) -> list[Path]:
     if len(weights) > 1 and not (folder / INDEX_FILE).is_file():
         raise FusekitError(f"'{folder}' has {len(weights)} shards but no {INDEX_FILE}; the output is "
                            "incomplete")
-    lock_path = folder / LOCK_FILE
-    if lock_path.is_file():
-        lock = read_lock(lock_path)
-        changed = verify_outputs(lock, folder)
-        if changed is not None:
-            raise FusekitError(f"'{folder}': {changed} since the merge ({LOCK_FILE} records "
-                               "other content); merge again before pushing")
+    if (folder / LOCK_FILE).is_file():
+        verify_output(folder)  # re-hashes every file: an edited or added file is never pushed
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False,
                 revision: str | None = None, commit_message: str | None = None,
-                retries: int = DEFAULT_RETRIES, retry_delay: float | None = None) -> PushResult:
+                retries: int = DEFAULT_RETRIES, retry_delay: float | None = None,
+                timeout: float | None = None) -> PushResult:
     """Upload a merged model folder to the Hub repository ``repo_id`` (created when missing).
+
+    Every request has connect and read timeouts (``FUSEKIT_HUB_REQUEST_TIMEOUT``, default 60 s) and
+    the whole push a deadline, retries included; see :mod:`fusekit.io.hub_deadline`.
 
     Args:
         folder: a finished fusekit output folder.
@@ -92,45 +119,79 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False,
         retries: extra attempts after a transient failure.
         retry_delay: first backoff delay in seconds, doubled on each retry (default 2, or
             ``FUSEKIT_HUB_RETRY_DELAY``).
+        timeout: seconds the whole push may take (default ``FUSEKIT_HUB_TIMEOUT``, or 10 minutes
+            plus 2 s per MiB of files).
+
+    Returns:
+        Where the files went and how many attempts it took.
+
+    Raises:
+        FusekitError: the folder is not a finished output, or a setting is not a valid number.
+        HubError: the Hub refused the push or did not answer in time (one line, no token).
 
     Example:
         >>> push_to_hub("./merged", "my-org/my-merge", private=True)  # doctest: +SKIP
     """
     folder = Path(folder)
     check_repo_id(repo_id)
+    delay = (env_seconds(RETRY_DELAY_ENV, DEFAULT_RETRY_DELAY, allow_zero=True) if retry_delay is None
+             else check_seconds("retry_delay", retry_delay, DEFAULT_RETRY_DELAY, allow_zero=True))
+    request_timeout = env_seconds(REQUEST_TIMEOUT_ENV, DEFAULT_REQUEST_TIMEOUT)
     files = check_output(folder)
-    from huggingface_hub import HfApi, constants
+    default = default_deadline(sum(p.stat().st_size for p in files))
+    seconds = (env_seconds(TIMEOUT_ENV, default) if timeout is None
+               else check_seconds("timeout", timeout, default))
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         raise HubError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it to push to the Hub")
-    delay = retry_delay if retry_delay is not None else float(os.environ.get(RETRY_DELAY_ENV, "2"))
     message = commit_message or f"Upload {folder.resolve().name} merged with fusekit {__version__}"
+    deadline = Deadline(seconds=seconds, request_timeout=request_timeout)
+    attempts = [0]
+
+    def upload() -> PushResult:
+        # The limits are lifted when this thread ends, so an abandoned push never goes on unbounded.
+        with limited_session(deadline):
+            return _push_with_retries(folder, repo_id, private=private, revision=revision,
+                                      message=message, files=len(files), retries=retries, delay=delay,
+                                      deadline=deadline, attempts=attempts)
+
+    try:
+        return run_within(deadline, upload)
+    except Exception as exc:  # huggingface_hub and its HTTP client raise many types
+        cause = exc if os.environ.get("FUSEKIT_DEBUG") == "1" else None
+        raise _hub_error(exc, _status(exc), repo_id, attempts[0], deadline) from cause
+
+
+def _push_with_retries(folder: Path, repo_id: str, *, private: bool, revision: str | None, message: str,
+                       files: int, retries: int, delay: float, deadline: Deadline,
+                       attempts: list[int]) -> PushResult:
+    """Create the repository (and branch) and upload in one commit, retrying transient failures."""
+    from huggingface_hub import HfApi
+
     api = HfApi()  # the token: HF_TOKEN or the cached login, resolved by huggingface_hub
-    attempt = 0
     while True:
-        attempt += 1
+        attempts[0] += 1
         try:
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             if revision is not None:
                 api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
             info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
-                                     revision=revision, commit_message=message,
-                                     ignore_patterns=[".*"])
+                                     revision=revision, commit_message=message, ignore_patterns=[".*"])
             return PushResult(repo_id=repo_id, revision=revision or "main",
-                              commit_url=str(getattr(info, "commit_url", info)), files=len(files),
-                              attempts=attempt)
-        except Exception as exc:  # huggingface_hub and its HTTP client raise many types
+                              commit_url=str(getattr(info, "commit_url", info)), files=files,
+                              attempts=attempts[0])
+        except Exception as exc:
             status = _status(exc)
             transient = status in TRANSIENT_STATUS or (status is None and _is_network_error(exc))
-            if transient and attempt <= retries:
-                wait = delay * 2 ** (attempt - 1)
-                log.warning("Hub request failed (%s); retrying in %.1f s (attempt %d of %d)",
-                            f"HTTP {status}" if status else type(exc).__name__, wait, attempt + 1,
-                            retries + 1)
-                time.sleep(wait)
-                continue
-            cause = exc if os.environ.get("FUSEKIT_DEBUG") == "1" else None
-            raise _hub_error(exc, status, repo_id, attempt) from cause
+            wait = delay * 2 ** (attempts[0] - 1)
+            if not transient or attempts[0] > retries or deadline.over or wait >= deadline.remaining():
+                raise
+            log.warning("Hub request failed (%s); retrying in %.1f s (attempt %d of %d)",
+                        f"HTTP {status}" if status else type(exc).__name__, wait, attempts[0] + 1,
+                        retries + 1)
+            if not deadline.sleep(wait):
+                raise
 
 
 def _status(exc: BaseException) -> int | None:
@@ -147,12 +208,17 @@ def _is_network_error(exc: BaseException) -> bool:
         or isinstance(exc, (ConnectionError, TimeoutError))
 
 
-def _hub_error(exc: BaseException, status: int | None, repo_id: str, attempts: int) -> FusekitError:
+def _hub_error(exc: BaseException, status: int | None, repo_id: str, attempts: int,
+               deadline: Deadline) -> FusekitError:
     """One line naming the repository and the fix; never the token, never the server's text."""
     from huggingface_hub import constants
 
     if isinstance(exc, FusekitError):
         return exc
+    if isinstance(exc, DeadlineExceeded) or (_is_network_error(exc) and deadline.remaining() <= 0):
+        return HubTimeoutError(f"pushing to '{repo_id}' did not finish within {deadline.seconds:g} s "
+                               f"({TIMEOUT_ENV}): the Hub at {constants.ENDPOINT} stopped answering; "
+                               f"check the network, or raise {TIMEOUT_ENV} for a slow link")
     if status == 401:
         return HubError(f"the Hub refused the token (HTTP 401) while pushing to '{repo_id}'; set "
                         "HF_TOKEN to a valid token with write access or run `hf auth login`")
