@@ -21,6 +21,7 @@ from fusekit.errors import (
     OutputExistsError,
 )
 from fusekit.io.card import model_card
+from fusekit.io.files import write_json, write_text
 from fusekit.io.journal import (
     JOURNAL_FILE,
     Journal,
@@ -48,15 +49,7 @@ from fusekit.io.lock import (
 from fusekit.io.outputs import claim_output, model_inputs
 from fusekit.io.reader import CheckpointReader
 from fusekit.io.tokenizer import copy_generation_config, copy_tokenizer, write_chat_template
-from fusekit.io.writer import (
-    atomic_output,
-    check_output_folder,
-    is_finite,
-    partial_folders,
-    partial_owner,
-    write_json,
-    write_text,
-)
+from fusekit.io.writer import atomic_output, check_output_folder, is_finite, partial_folders, partial_owner
 from fusekit.ops import get_method
 from fusekit.plan import ExecutionStats, Executor, Plan, build_plan
 from fusekit.plan.memory import peak_rss_bytes

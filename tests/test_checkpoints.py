@@ -266,7 +266,7 @@ def _router(tmp_path: Path, models: dict[str, Path], out: str, seed: int) -> Pat
 
 def test_router_folder_records_and_checks_its_digests(cli: Any, tmp_path: Path,
                                                       tiny_models: dict[str, Path]) -> None:
-    from fusekit.io.writer import file_sha256
+    from fusekit.io.files import file_sha256
     from fusekit.route import load_router
 
     folder = _router(tmp_path, tiny_models, "router", seed=0)

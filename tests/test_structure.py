@@ -18,6 +18,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "fusekit"
 
 
@@ -197,6 +199,19 @@ def test_importing_every_library_module_leaves_typer_out() -> None:
 def test_the_typer_check_can_fail() -> None:
     """The check above sees typer when it is loaded: importing the CLI's app does load it."""
     code = "import sys\nimport fusekit.cli.app\nassert 'typer' in sys.modules\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=PACKAGE.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("modules", "torch_expected"), [
+    (["fusekit.cli.hub", "fusekit.io.hub", "fusekit.io.lock", "fusekit.recipe"], False),
+    (["fusekit.io.writer"], True),  # the check can fail: the tensor writer does need torch
+])
+def test_push_and_recipe_checks_start_without_torch(modules: list[str], torch_expected: bool) -> None:
+    """``fusekit push`` and recipe validation look at files only, so they never wait for torch."""
+    code = (f"import importlib, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
+            f"assert ('torch' in sys.modules) is {torch_expected}, sorted(sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]

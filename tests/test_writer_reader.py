@@ -23,10 +23,11 @@ from fusekit.errors import (
     OutputExistsError,
     TensorMismatchError,
 )
+from fusekit.io.files import PARTIAL_MARKER
 from fusekit.io.layout import TensorSpec
 from fusekit.io.reader import CheckpointReader, read_safetensors_header
 from fusekit.io.refs import resolve_model
-from fusekit.io.writer import PARTIAL_MARKER, ShardWriter, atomic_output
+from fusekit.io.writer import ShardWriter, atomic_output
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:

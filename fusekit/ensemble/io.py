@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from fusekit.errors import FusekitError
+from fusekit.io.files import write_error
 from fusekit.io.userfiles import DATA_LIMIT, LINE_LIMIT, read_user_text
-from fusekit.io.writer import write_error
 
 
 def read_prompts(path: Path) -> list[str]:

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from fusekit.cache import cache_folder
-from fusekit.io.writer import file_sha256
+from fusekit.io.files import file_sha256
 
 CACHE_NAME = "sha256-v1.json"  # entries of the older 5-field shape are dropped on load
 MAX_ENTRIES = 10_000

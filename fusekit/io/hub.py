@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusekit.errors import FusekitError, HubError, HubTimeoutError
+from fusekit.io.files import PARTIAL_MARKER
 from fusekit.io.hub_deadline import (
     BASE_DEADLINE,
     DEFAULT_REQUEST_TIMEOUT,
@@ -36,8 +37,7 @@ from fusekit.io.hub_deadline import (
     limited_session,
     run_within,
 )
-from fusekit.io.layout import INDEX_FILE
-from fusekit.io.writer import PARTIAL_MARKER
+from fusekit.io.refs import SAFETENSORS_INDEX as INDEX_FILE
 from fusekit.version import __version__
 
 log = logging.getLogger("fusekit")

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fusekit.io.files import file_sha256, write_error
 from fusekit.io.layout import TensorSpec, plan_shards, shard_file_names
-from fusekit.io.writer import ShardWriter, file_sha256, partial_folders, partial_owner, write_error
+from fusekit.io.writer import ShardWriter, partial_folders, partial_owner
 
 JOURNAL_FILE = "fusekit.journal"
 log = logging.getLogger("fusekit")

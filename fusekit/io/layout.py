@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fusekit.io.refs import SAFETENSORS_INDEX
+
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -24,7 +26,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 FLOAT8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
 SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+INDEX_FILE = SAFETENSORS_INDEX  # one spelling of the index name for io/ and its readers
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ from typing import Any
 
 from fusekit.errors import CheckpointError, FusekitError, LockMismatchError
 from fusekit.io.digests import DigestCache
+from fusekit.io.files import file_sha256, write_text
 from fusekit.io.refs import SAFETENSORS_INDEX, ResolvedModel, hub_repo_id
 from fusekit.io.tokenizer import GENERATION_CONFIG, TOKENIZER_FILES
 from fusekit.io.userfiles import read_user_text
-from fusekit.io.writer import file_sha256, write_text
 from fusekit.version import __version__
 
 LOCK_FILE = "fusekit.lock"

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fusekit.io.writer import file_sha256
+from fusekit.io.files import file_sha256
 
 DIGESTS_KEY = "sha256"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from fusekit.errors import CheckpointError, RecipeError
+from fusekit.io.files import write_error, write_json, write_text
 from fusekit.io.refs import ResolvedModel
-from fusekit.io.writer import write_error, write_json, write_text
 
 TOKENIZER_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",

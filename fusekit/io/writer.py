@@ -9,9 +9,7 @@ error, Ctrl-C or SIGTERM the temporary folder is removed and the destination is 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -31,6 +29,7 @@ from fusekit.errors import (
     OutputWriteError,
     note_kept_partial,
 )
+from fusekit.io.files import PARTIAL_MARKER, file_sha256, write_error, write_json
 from fusekit.io.layout import (
     INDEX_FILE,
     TensorSpec,
@@ -42,20 +41,7 @@ from fusekit.io.layout import (
 )
 
 log = logging.getLogger("fusekit")
-PARTIAL_MARKER = ".fusekit-partial-"
-HASH_BLOCK = 2**20
 ShardDone = Callable[[str, str, int], None]  # (file name, sha256, size) once a shard is complete
-
-
-def write_error(path: Path, exc: OSError) -> OutputWriteError:
-    """A one-line, actionable error for an OS failure while writing ``path``."""
-    if exc.errno == errno.ENOSPC:
-        why = "the disk is full; free space or choose another output folder"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        why = "permission denied; choose a folder you can write to"
-    else:
-        why = exc.strerror or str(exc)
-    return OutputWriteError(f"cannot write {path}: {why}")
 
 
 class ShardWriter:
@@ -224,29 +210,6 @@ def is_finite(tensor: torch.Tensor) -> bool:
     if bool(torch.isfinite(tensor.sum(dtype=accumulate))):
         return True
     return bool(torch.isfinite(tensor).all())
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 hex digest of a file, read in blocks."""
-    digest = hashlib.sha256()
-    buffer = bytearray(HASH_BLOCK)  # one buffer per call: input hashing runs beside a merge
-    view = memoryview(buffer)
-    with path.open("rb", buffering=0) as handle:
-        while count := handle.readinto(buffer):
-            digest.update(view[:count])
-    return digest.hexdigest()
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write pretty JSON, mapping OS failures to one-line errors."""
-    write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
-def write_text(path: Path, text: str) -> None:
-    try:
-        path.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise write_error(path, exc) from None
 
 
 def check_output_location(out: str | Path, *, what: str = "output folder") -> Path:

@@ -20,12 +20,13 @@ import torch
 
 from fusekit.arch import is_embedding
 from fusekit.errors import CheckpointError
+from fusekit.io.files import write_json, write_text
 from fusekit.io.lock import seal_output
 from fusekit.io.outputs import claim_output, model_inputs
 from fusekit.io.reader import CheckpointReader
 from fusekit.io.refs import ResolvedModel
 from fusekit.io.tokenizer import copy_generation_config, copy_tokenizer
-from fusekit.io.writer import atomic_output, check_output_folder, write_json, write_text
+from fusekit.io.writer import atomic_output, check_output_folder
 from fusekit.moe.card import moe_card
 from fusekit.moe.gates import prompt_gates, random_gates, save_gates
 from fusekit.moe.plan import GATES, MoePlan, plan_moe

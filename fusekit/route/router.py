@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fusekit.errors import FusekitError
-from fusekit.io.writer import write_json, write_text
+from fusekit.io.files import write_json, write_text
 from fusekit.route.features import Featurizer, Tfidf, restore_featurizer
 from fusekit.route.fitted import FittedRouter, one_thread
 from fusekit.route.policy import calibrate, choose, choose_one, dear_share_tail

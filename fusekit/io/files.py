@@ -1,0 +1,52 @@
+"""Small file helpers that need no torch: digests, one-line write errors, JSON and text writes.
+
+Kept apart from :mod:`fusekit.io.writer` (which streams tensors) so that commands that only look
+at files, such as ``fusekit push``, start without importing torch.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from fusekit.errors import OutputWriteError
+
+PARTIAL_MARKER = ".fusekit-partial-"  # in the name of every folder or file still being written
+HASH_BLOCK = 2**20
+
+
+def write_error(path: Path, exc: OSError) -> OutputWriteError:
+    """A one-line, actionable error for an OS failure while writing ``path``."""
+    if exc.errno == errno.ENOSPC:
+        why = "the disk is full; free space or choose another output folder"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "permission denied; choose a folder you can write to"
+    else:
+        why = exc.strerror or str(exc)
+    return OutputWriteError(f"cannot write {path}: {why}")
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file, read in blocks."""
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_BLOCK)  # one buffer per call: input hashing runs beside a merge
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
+    return digest.hexdigest()
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write pretty JSON, mapping OS failures to one-line errors."""
+    write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise write_error(path, exc) from None
