@@ -6,6 +6,7 @@ tokenizer); numbers in tests are checked against float64 references computed in 
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -80,6 +81,22 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
         full_env.pop("FUSEKIT_DEBUG", None)
         return subprocess.run([sys.executable, "-m", "fusekit", *map(str, args)], cwd=cwd,
                               env=full_env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+def in_process_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """``fusekit ARGS...`` through :func:`fusekit.cli.main` in this process (a fresh interpreter per
+    call would cost seconds); returns (exit code, stdout, stderr)."""
+    from fusekit.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        logging.getLogger().handlers.clear()  # main() installs a handler on this test's stderr
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(args))
+        captured = capsys.readouterr()
+        return int(exit_info.value.code or 0), captured.out, captured.err
 
     return run
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import importlib.util
-import logging
 import os
 import shlex
 import sys
@@ -20,10 +19,10 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import in_process_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusekit.cli import main
 from fusekit.errors import FusekitError
 from fusekit.io.writer import partial_folders
 from fusekit.recipe import MergeRecipe, parse_merge_recipe
@@ -103,15 +102,7 @@ def cli(tree: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
 
-    def run(*args: str) -> tuple[int, str, str]:
-        logging.getLogger().handlers.clear()  # main() installs a handler on this test's stderr
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            main(list(args))
-        captured = capsys.readouterr()
-        return int(exit_info.value.code or 0), captured.out, captured.err
-
-    return run
+    return in_process_cli(capsys)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -8,7 +8,6 @@ tests/test_bad_inputs.py does for the merge corpus.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -16,10 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import in_process_cli
 from safetensors.torch import load_file, save_file
 
 from fusekit.arch import layer_count_conflict
-from fusekit.cli import main
 from fusekit.errors import CheckpointError, CheckpointNotFoundError
 from fusekit.io.manifest import canonical_sha256, digest_mismatch, with_digests
 from fusekit.io.reader import CheckpointReader
@@ -39,15 +38,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
 
-    def run(*args: str) -> tuple[int, str, str]:
-        logging.getLogger().handlers.clear()  # main() installs a handler on this test's stderr
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            main(list(args))
-        captured = capsys.readouterr()
-        return int(exit_info.value.code or 0), captured.out, captured.err
-
-    return run
+    return in_process_cli(capsys)
 
 
 def refused(result: tuple[int, str, str], *culprits: str) -> str:
