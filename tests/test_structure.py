@@ -215,3 +215,28 @@ def test_push_and_recipe_checks_start_without_torch(modules: list[str], torch_ex
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(root: Path, limit: int) -> list[str]:
+    """``path:line name (n lines)`` for every function under ``root`` longer than ``limit`` lines,
+    counted from ``def`` to its last line, docstring included."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > limit:
+                    where = f"{path.relative_to(root.parent)}:{node.lineno}"
+                    found.append(f"{where} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    assert long_functions(PACKAGE, MAX_FUNCTION_LINES) == []
+
+
+def test_the_length_check_can_fail() -> None:
+    assert long_functions(PACKAGE, 40)  # several functions are longer than 40 lines
