@@ -8,7 +8,21 @@ from fusekit.errors import FusekitError
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; a CUDA request without CUDA is a user error."""
+    """The torch device a ``--device`` value names.
+
+    Args:
+        name: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available, else CPU).
+
+    Returns:
+        The device.
+
+    Raises:
+        FusekitError: not a device name, or CUDA asked for where there is none.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -20,6 +20,12 @@ EXTRA_LAYER_KEYS = ("num_nextn_predict_layers",)
 def config_layer_count(config: Mapping[str, Any]) -> tuple[str, int] | None:
     """The key and value that state the number of blocks, or None when the config states none.
 
+    Args:
+        config: a model's ``config.json`` as a mapping (top level only).
+
+    Returns:
+        ``(key, count)``, e.g. ``("num_hidden_layers", 32)``, or None.
+
     Example:
         >>> config_layer_count({"n_layer": 12})
         ('n_layer', 12)
@@ -32,7 +38,15 @@ def config_layer_count(config: Mapping[str, Any]) -> tuple[str, int] | None:
 
 
 def blocks_by_prefix(names: Iterable[str]) -> dict[str, set[int]]:
-    """Block indices per block prefix: ``{"model.layers": {0, 1}, "visual.blocks": {0}}``."""
+    """Block indices per block prefix.
+
+    Args:
+        names: tensor names.
+
+    Returns:
+        The indices found under each block prefix, e.g. ``{"model.layers": {0, 1}, "visual.blocks":
+        {0}}``; names outside blocks are left out.
+    """
     found: dict[str, set[int]] = {}
     for name in names:
         block = block_of(name)
@@ -48,6 +62,10 @@ def layer_count_conflict(config: Mapping[str, Any], names: Iterable[str]) -> str
     blocks the config declares, see :data:`EXTRA_LAYER_KEYS`), and no index missing below the
     highest; and the highest block of all must be the last one counted. A config without a count,
     or tensors without blocks, are not checked.
+
+    Args:
+        config: the model's ``config.json`` as a mapping.
+        names: every tensor name its weights hold.
 
     Returns:
         A clause such as ``"num_hidden_layers is 1 but the weights hold block model.layers.1"``.

@@ -21,13 +21,30 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 def layer_index(name: str) -> int | None:
-    """The block index in ``name``, or None for tensors outside the blocks."""
+    """The block (layer) index a tensor name holds.
+
+    Args:
+        name: a tensor name, e.g. ``model.layers.3.mlp.up_proj.weight``.
+
+    Returns:
+        The index (3 above), or None for tensors outside the blocks (embeddings, final norm, head).
+
+    Example:
+        >>> layer_index("model.layers.3.mlp.up_proj.weight")
+        3
+    """
     match = _LAYER.match(name)
     return int(match.group("index")) if match else None
 
 
 def block_of(name: str) -> tuple[str, int] | None:
-    """``(prefix, index)`` of the block ``name`` belongs to, or None for tensors outside the blocks.
+    """The block a tensor name belongs to.
+
+    Args:
+        name: a tensor name.
+
+    Returns:
+        ``(prefix, index)`` of its block, or None for tensors outside the blocks.
 
     Example:
         >>> block_of("model.layers.3.mlp.up_proj.weight")
@@ -38,7 +55,19 @@ def block_of(name: str) -> tuple[str, int] | None:
 
 
 def with_layer_index(name: str, index: int) -> str:
-    """``name`` renumbered to block ``index`` (for stacking layers from several models)."""
+    """A tensor name moved to another block, for stacking layers from several models.
+
+    Args:
+        name: a tensor name inside a block.
+        index: the block it should belong to.
+
+    Returns:
+        ``name`` with its block index replaced by ``index``.
+
+    Example:
+        >>> with_layer_index("model.layers.3.mlp.up_proj.weight", 7)
+        'model.layers.7.mlp.up_proj.weight'
+    """
     match = _LAYER.match(name)
     if match is None:
         raise ValueError(f"{name!r} is not a per-layer tensor")
@@ -46,17 +75,40 @@ def with_layer_index(name: str, index: int) -> str:
 
 
 def role(name: str) -> Role:
-    """``"layer"`` inside a block, ``"pre"`` for embeddings, ``"post"`` for the rest."""
+    """Where a tensor sits in the model, which decides how slices and gradients treat it.
+
+    Args:
+        name: a tensor name.
+
+    Returns:
+        ``"layer"`` inside a block, ``"pre"`` for embeddings, ``"post"`` for the rest (final norm,
+        LM head).
+    """
     if layer_index(name) is not None:
         return "layer"
     return "pre" if any(marker in name for marker in _PRE_MARKERS) else "post"
 
 
 def is_lm_head(name: str) -> bool:
-    """True for the output projection that tied checkpoints share with the input embedding."""
+    """Whether a tensor is the LM head, the output projection tied checkpoints share with the input
+    embedding.
+
+    Args:
+        name: a tensor name.
+
+    Returns:
+        True for the LM head (``lm_head.weight`` and its equivalents).
+    """
     return name in _LM_HEADS or name.endswith(".lm_head.weight")
 
 
 def is_embedding(name: str) -> bool:
-    """True for the input token embedding matrix."""
+    """Whether a tensor is the input token embedding matrix.
+
+    Args:
+        name: a tensor name.
+
+    Returns:
+        True for the input embedding (``model.embed_tokens.weight`` and its equivalents).
+    """
     return role(name) == "pre" and name.endswith("weight") and "position" not in name and "wpe" not in name

@@ -161,6 +161,8 @@ def run(
 
     if threshold is not None:
         _require_fraction("--threshold", threshold)
+    if generate and max_new_tokens < 1:
+        raise FusekitError(f"--max-new-tokens {max_new_tokens}: must be at least 1 for --generate")
     if (prompt is None) == (data is None):
         raise FusekitError("give either --prompt TEXT or --data FILE (one query, or a JSONL file of them)")
     if data is not None:

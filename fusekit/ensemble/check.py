@@ -3,7 +3,6 @@ from configs, tokenizers and safetensors headers only (no weights are loaded).""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ from fusekit.ensemble.members import TokenVocab, token_vocab
 from fusekit.ensemble.methods import method_spec
 from fusekit.ensemble.recipe import EnsembleRecipe, load_ensemble_recipe
 from fusekit.io.reader import CheckpointReader
-from fusekit.io.refs import resolve_model
+from fusekit.io.refs import require_config, resolve_model
+from fusekit.io.tokenizer import read_json_object
 from fusekit.lm.load import load_tokenizer
 
 
@@ -31,7 +31,7 @@ def check_ensemble(path: Path | str) -> dict[str, Any]:
         FusekitError: the recipe is invalid, or a model or its tokenizer cannot be found.
 
     Example:
-        >>> print(format_report(check_ensemble("configs/ensemble/union.yaml")))
+        >>> print(format_report(check_ensemble("configs/ensemble/union.yaml")))  # doctest: +SKIP
     """
     recipe, _ = load_ensemble_recipe(path)
     members: list[dict[str, Any]] = []
@@ -70,8 +70,7 @@ def _member(ref: str) -> tuple[dict[str, Any], TokenVocab]:
     """One member's entry of the report (parameters, vocabulary, tokenizer) and its byte view."""
     resolved = resolve_model(ref)
     tokenizer = load_tokenizer(ref, resolved.folder)
-    config_path = resolved.config_path
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    config = read_json_object(require_config(resolved, "the ensemble loads the member with it"))
     with CheckpointReader(resolved) as reader:
         params = sum(math.prod(reader.info(name).shape) for name in reader.names())
     width = int(config.get("vocab_size") or len(tokenizer))

@@ -64,8 +64,8 @@ def score_ensemble(ens: Ensemble, text: str, *, context: int | None = None, stri
             ``mbr``), or a primary tokenizer that does not spell the text byte for byte.
 
     Example:
-        >>> ens = load_ensemble("configs/ensemble/prob_avg.yaml")
-        >>> score_ensemble(ens, "def f(x):\\n    return x\\n").ensemble.bits_per_byte
+        >>> ens = load_ensemble("configs/ensemble/prob_avg.yaml")  # doctest: +SKIP
+        >>> score_ensemble(ens, "def f(x):\\n    return x\\n").ensemble.bits_per_byte  # doctest: +SKIP
     """
     if not text:
         raise FusekitError("the text is empty; there is nothing to score")

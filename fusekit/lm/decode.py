@@ -15,9 +15,9 @@ tokens wherever it is used:
   end-of-sequence.
 
 Example:
-    >>> batch = TokenBatch([[1, 5, 9], [1, 7]], max_new_tokens=8, pad=0, device=lm.device)
-    >>> model = CachedModel(lm.model, batch)
-    >>> new = decode_loop(batch, lambda open_rows: model.logits(), max_new_tokens=8)
+    >>> batch = TokenBatch([[1, 5, 9], [1, 7]], max_new_tokens=8, pad=0, device=lm.device)  # doctest: +SKIP
+    >>> model = CachedModel(lm.model, batch)  # doctest: +SKIP
+    >>> new = decode_loop(batch, lambda open_rows: model.logits(), max_new_tokens=8)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def sample(scores: torch.Tensor, temperature: float, generator: torch.Generator 
         ``(batch,)`` token ids on ``scores``' device.
 
     Example:
-        >>> sample(torch.tensor([[0.0, 2.0, 1.0]]), 0.0, None)
+        >>> sample(torch.tensor([[0.0, 2.0, 1.0]]), 0.0, None)  # doctest: +SKIP
         tensor([1])
     """
     if temperature <= 0:

@@ -6,9 +6,9 @@ model's own tokenizer. This is the measuring stick ``fusekit score``, ``fusekit 
 ``fusekit route`` share, so merges, ensembles and routers are measured the same way.
 
 Example:
-    >>> lm = load_lm("demo-out/experts/python")
-    >>> text = Path("demo-out/experts/heldout/python.txt").read_text(encoding="utf-8")
-    >>> print(f"{score_text(lm, text).bits_per_byte:.3f} bits per byte")
+    >>> lm = load_lm("demo-out/experts/python")  # doctest: +SKIP
+    >>> text = Path("demo-out/experts/heldout/python.txt").read_text(encoding="utf-8")  # doctest: +SKIP
+    >>> print(f"{score_text(lm, text).bits_per_byte:.3f} bits per byte")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -239,8 +239,8 @@ def score_text(lm: LoadedLM, text: str, *, context: int | None = None, stride: i
         FusekitError: the text is empty, the model has no tokenizer, or context/stride are invalid.
 
     Example:
-        >>> s = score_text(lm, "def f(x):\\n    return x\\n")
-        >>> s.bits_per_byte, s.perplexity
+        >>> s = score_text(lm, "def f(x):\\n    return x\\n")  # doctest: +SKIP
+        >>> s.bits_per_byte, s.perplexity  # doctest: +SKIP
     """
     return score_texts(lm, [text], context=context, stride=stride, batch_size=batch_size)[0]
 

@@ -9,14 +9,43 @@ from fusekit.recipe.schema import MergeRecipe
 
 
 def load_merge_recipe(path: Path | str) -> tuple[MergeRecipe, RecipeSource]:
-    """Read, parse and validate a merge recipe; raise RecipeError naming file and line."""
+    """Read, parse and validate a merge recipe file.
+
+    Args:
+        path: the YAML recipe (mergekit's format).
+
+    Returns:
+        The recipe and its source (text and line marks, for later errors that name a line).
+
+    Raises:
+        RecipeError: one line naming the file, line, key and what to write instead (every problem
+            found, together).
+
+    Example:
+        >>> recipe, _ = load_merge_recipe("configs/linear.yaml")  # doctest: +SKIP
+    """
     from fusekit.recipe.checks import check_merge_recipe
 
     return load_recipe(path, MergeRecipe, check_merge_recipe)
 
 
 def parse_merge_recipe(text: str, name: str = "<recipe>") -> tuple[MergeRecipe, RecipeSource]:
-    """Like :func:`load_merge_recipe` for YAML text held in memory."""
+    """Parse and validate a merge recipe held in memory, like :func:`load_merge_recipe`.
+
+    Args:
+        text: the YAML text.
+        name: what error messages call it (a file name, say).
+
+    Returns:
+        The recipe and its source.
+
+    Raises:
+        RecipeError: as :func:`load_merge_recipe`.
+
+    Example:
+        >>> parse_merge_recipe("{merge_method: linear, models: [{model: a}]}")[0].merge_method
+        'linear'
+    """
     from fusekit.recipe.checks import check_merge_recipe
 
     return parse_recipe(text, name, MergeRecipe, check_merge_recipe)

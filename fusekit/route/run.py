@@ -41,7 +41,26 @@ def generate_answers(ref: str, prompts: Sequence[str], *, max_new_tokens: int = 
 
 def run_router(router_dir: str | Path, prompt: str, *, generate: bool = False, max_new_tokens: int = 64,
                threshold: float | None = None, device: str = "cpu") -> RunResult:
-    """Route ``prompt`` with the router in ``router_dir``; with ``generate`` the chosen model answers."""
+    """Route one prompt with a built router; optionally let the chosen model answer.
+
+    Args:
+        router_dir: a folder written by ``fusekit route build``.
+        prompt: the query.
+        generate: let the chosen model continue the prompt (greedy).
+        max_new_tokens: most tokens the answer adds.
+        threshold: overrides the router's cost-quality threshold.
+        device: where the answering model runs.
+
+    Returns:
+        A :class:`RunResult`: the chosen model, every model's probability, the decision time and,
+        with ``generate``, the answer.
+
+    Raises:
+        RouterFolderError: ``router_dir`` is not a router folder or its files were changed.
+
+    Example:
+        >>> run_router("./router", "def fib(n):").model  # doctest: +SKIP
+    """
     import time
 
     router = load_router(router_dir, device=device)
