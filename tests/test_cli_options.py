@@ -36,9 +36,10 @@ REPORTS: dict[str, tuple[list[str], str, Any]] = {
     "route calibrate": (["route", "calibrate", "router", "--data", "d.jsonl", "--share", "0.5"],
                         "queries", 7),
     "route run": (["route", "run", "router", "--prompt", "hi"], "model", "a"),
+    "push": (["push", "out", "org/name"], "repo_id", "org/name"),
 }
-# Commands whose module another engineer owns; listed so that a new command cannot be forgotten.
-OTHER_COMMANDS: dict[str, list[str]] = {"push": ["push", "out", "org/name"]}
+# Commands that print no report; listed so that a new command cannot be forgotten.
+OTHER_COMMANDS: dict[str, list[str]] = {}
 
 
 def _leaf_commands() -> dict[str, Any]:
@@ -106,6 +107,8 @@ def _fake_results() -> dict[str, Any]:
         "run": SimpleNamespace(decision=SimpleNamespace(model=SimpleNamespace(name="a", ref="r", cost=1),
                                                         threshold=0.5, probabilities={"a": 1.0}),
                                seconds_routing=0.001, answer=None),
+        "push": SimpleNamespace(repo_id="org/name", revision="main", commit_url="https://hub/c/1", files=3,
+                                attempts=1),
     }
 
 
@@ -138,6 +141,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, dict[str,
         "fusekit.route.evaluate_router": _recorder(record, "evaluate_router", r["eval"]),
         "fusekit.route.calibration.recalibrate_router": _recorder(record, "recalibrate_router", r["router"]),
         "fusekit.route.run_router": _recorder(record, "run_router", r["run"]),
+        "fusekit.io.hub.push_to_hub": _recorder(record, "push_to_hub", r["push"]),
     }
     for target, fake in fakes.items():
         monkeypatch.setattr(target, fake)

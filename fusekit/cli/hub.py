@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 
 from fusekit.cli.app import app
-from fusekit.cli.options import CommitMessageOpt, Format, PrivateOpt, RevisionOpt
+from fusekit.cli.options import (
+    CommitMessageOpt,
+    Format,
+    FormatOpt,
+    JsonOpt,
+    PrivateOpt,
+    RevisionOpt,
+    wants_json,
+)
 
 
 @app.command(epilog="Example: fusekit push ./merged my-org/my-merge --private --revision v2")
@@ -21,7 +29,8 @@ def push(
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
     commit_message: CommitMessageOpt = None,
-    output_format: Annotated[Format, typer.Option("--format", help="Result as text or json.")] = Format.text,
+    output_format: FormatOpt = Format.text,
+    as_json: JsonOpt = False,
 ) -> None:
     """Upload OUT_DIR to the Hub (token from HF_TOKEN or the cached login; never printed).
 
@@ -33,7 +42,7 @@ def push(
 
     result = push_to_hub(out_dir, repo_id, private=private, revision=revision,
                          commit_message=commit_message)
-    if output_format is Format.json:
+    if wants_json(output_format, as_json):
         typer.echo(json.dumps({"repo_id": result.repo_id, "revision": result.revision,
                                "commit_url": result.commit_url, "files": result.files,
                                "attempts": result.attempts}, indent=2))
