@@ -49,7 +49,14 @@ from fusekit.io.lock import (
 from fusekit.io.outputs import claim_output, model_inputs
 from fusekit.io.reader import CheckpointReader
 from fusekit.io.tokenizer import copy_generation_config, copy_tokenizer, write_chat_template
-from fusekit.io.writer import atomic_output, check_output_folder, is_finite, partial_folders, partial_owner
+from fusekit.io.writer import (
+    atomic_output,
+    check_output_folder,
+    check_output_location,
+    is_finite,
+    partial_folders,
+    partial_owner,
+)
 from fusekit.ops import get_method
 from fusekit.plan import ExecutionStats, Executor, Plan, build_plan
 from fusekit.plan.memory import peak_rss_bytes
@@ -200,6 +207,7 @@ def _check_early(out_dir: Path, random_seed: int | None, *, overwrite: bool) -> 
     """The checks that need no plan: the seed's range and the output folder's place and contents."""
     if random_seed is not None:
         check_option("--random-seed", check_seed, random_seed)
+    check_output_location(out_dir)  # an unusable path is one line before anything stats it
     check_output_folder(out_dir, overwrite=overwrite or (out_dir / LOCK_FILE).is_file())
     return out_dir
 

@@ -37,9 +37,17 @@ RUN = ["route", "run", "{T}/router", "--prompt", "def f(x):"]
 CALIBRATE = ["route", "calibrate", "{T}/router", "--data", "{T}/data.jsonl", "--share", "0.5",
              "--out", "calibrated"]
 
+LONG = "z" * 300  # longer than any file name the system takes
 CASES: dict[str, Case] = {
     # -- fusekit score ---------------------------------------------------------------------------
     "score/text_missing": Case(["score", "{base}", "--text", "missing.txt"], "missing.txt"),
+    "score/text_path_too_long": Case(["score", "{base}", "--text", LONG], "File name too long"),
+    "score/model_path_too_long": Case(["score", LONG, "--text", "{T}/text.txt"], "cannot be used"),
+    "ensemble/prompts_path_too_long": Case(["ensemble", "generate", "{T}/ens.yaml", "--prompts", LONG],
+                                           "File name too long"),
+    "route/data_path_too_long": Case(["route", "eval", "{T}/router", "--data", LONG], "too long"),
+    "push/folder_path_too_long": Case(["push", LONG, "org/name"], "File name too long"),
+    "merge/out_name_too_long": Case(["merge", "{T}/merge.yaml", LONG], "longer than 200 bytes"),
     "score/text_is_folder": Case(["score", "{base}", "--text", "{T}/textdir"], "textdir"),
     "score/text_is_fifo": Case(["score", "{base}", "--text", "{T}/fifo"], "fifo"),
     "score/text_dev_zero": Case(["score", "{base}", "--text", "/dev/zero"], "/dev/zero"),

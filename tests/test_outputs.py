@@ -69,7 +69,9 @@ def test_cli_overwrite_onto_an_input_exits_2_with_one_line(out: str, work: Path,
 
 @pytest.mark.parametrize(("path", "why"), [("/", "root"), ("~", "'~' was not expanded"),
                                            ("~/x", "'~' was not expanded"), ("HOME", "home folder"),
-                                           (".", "current folder"), ("..", "holds the current")])
+                                           (".", "current folder"), ("..", "holds the current"),
+                                           ("y" * 300, "longer than 200 bytes"),
+                                           ("y" * 256 + "/sub", "File name too long")])
 def test_unsafe_locations_are_refused(path: str, why: str, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     home, project = tmp_path / "home", tmp_path / "src" / "project"

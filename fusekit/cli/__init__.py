@@ -162,12 +162,29 @@ def _report_error(exc: Exception) -> int:
     from fusekit.errors import FusekitError
     from fusekit.redact import format_exception
 
-    if isinstance(exc, FusekitError) and os.environ.get("FUSEKIT_DEBUG") != "1":
+    debug = os.environ.get("FUSEKIT_DEBUG") == "1"
+    if isinstance(exc, FusekitError) and not debug:
         _write_line(f"error: {exc}")
         return exc.exit_code
+    if _is_path_mistake(exc) and not debug:
+        assert isinstance(exc, OSError)
+        name = os.fsdecode(exc.filename)
+        shown = name if len(name) <= 100 else name[:100] + "..."
+        _write_line(f"error: {shown}: {exc.strerror}; check the path")
+        return 2
     sys.stderr.write(format_exception(exc))
     sys.stderr.flush()
     return exc.exit_code if isinstance(exc, FusekitError) else 1
+
+
+def _is_path_mistake(exc: Exception) -> bool:
+    """An OSError the system raised for a path the user typed (too long, not a folder, no access,
+    a symlink loop): a user mistake like any other, whichever check first touched the path."""
+    import errno
+
+    return (isinstance(exc, OSError) and exc.filename is not None
+            and exc.errno in (errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EACCES,
+                              errno.EPERM, errno.ENOENT, errno.EISDIR))
 
 
 def _write_line(message: str) -> None:

@@ -61,10 +61,20 @@ def split_revision(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
+def _local_exists(ref: str) -> bool:
+    """Whether ``ref`` names something on disk; an unusable path (too long, no permission) is a
+    one-line error rather than the OSError ``Path.exists`` raises for it."""
+    try:
+        return Path(ref).expanduser().exists()
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"model '{ref[:80]}{'...' if len(ref) > 80 else ''}': the path "
+                                      f"cannot be used ({exc.strerror or exc}); check it") from None
+
+
 def hub_repo_id(ref: str) -> str | None:
     """The Hub repository id ``ref`` names, or None when it is (or looks like) a local path."""
     repo_id, _ = split_revision(ref)
-    if ref.startswith((".", "/", "~")) or Path(ref).expanduser().exists() or not _HUB_ID.match(repo_id):
+    if ref.startswith((".", "/", "~")) or _local_exists(ref) or not _HUB_ID.match(repo_id):
         return None
     return repo_id
 
@@ -72,7 +82,7 @@ def hub_repo_id(ref: str) -> str | None:
 def resolve_model(ref: str, *, allow_pickle: bool = False) -> ResolvedModel:
     """Find the files behind ``ref``; raise a one-line error naming it when there are none."""
     path = Path(ref).expanduser()
-    if path.exists():
+    if _local_exists(ref):
         return _resolve_local(ref, path, allow_pickle=allow_pickle)
     repo_id = hub_repo_id(ref)
     if repo_id is not None:

@@ -212,6 +212,25 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+MAX_OUTPUT_NAME = 200  # bytes; the partial folder and lock file beside it add up to 40 to the name
+
+
+def _check_usable(resolved: Path, text: str, what: str) -> None:
+    """Refuse a path the file system cannot hold (a name too long, a folder that cannot be searched)
+    before anything is written, rather than with an OSError mid-run."""
+    shown = text if len(text) <= 80 else text[:80] + "..."
+    if len(os.fsencode(resolved.name)) > MAX_OUTPUT_NAME:
+        raise OutputPathError(f"{what} '{shown}': its name is longer than {MAX_OUTPUT_NAME} bytes (fusekit "
+                              "adds a suffix for its temporary folder); choose a shorter name")
+    try:
+        os.lstat(resolved)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputPathError(f"{what} '{shown}': the path cannot be used ({exc.strerror or exc}); "
+                              "choose another") from None
+
+
 def check_output_location(out: str | Path, *, what: str = "output folder") -> Path:
     """Refuse an output path that no command may replace; return it resolved (symlinks followed).
 
@@ -227,6 +246,7 @@ def check_output_location(out: str | Path, *, what: str = "output folder") -> Pa
         raise OutputPathError(f"{what} '{text}': '~' was not expanded to your home folder; write the "
                               "full path of a new folder instead")
     resolved = Path(os.path.abspath(text)).resolve()
+    _check_usable(resolved, text, what)
     cwd, home = Path.cwd().resolve(), Path.home().resolve()
     why = None
     if resolved.parent == resolved:
