@@ -317,8 +317,14 @@ def _bad(models: dict[str, Path], tmp: Path) -> dict[str, tuple[Path, str]]:
         "shared_on_mixtral": (recipe(tmp / "sh.yaml", base, good, extra="architecture: mixtral",
                                      shared=f"  - source_model: {base}\n"),
                               "architecture mixtral has no shared expert"),
-        "architecture": (recipe(tmp / "arch.yaml", base, good, extra="architecture: deepseek"),
-                         "valid: mixtral, qwen2_moe"),
+        "architecture": (recipe(tmp / "arch.yaml", base, good, extra="architecture: switch"),
+                         "valid: mixtral, qwen2_moe, qwen3_moe, deepseek"),
+        # mergekit-moe's `qwen` without a shared expert is Qwen3-MoE, which a Llama base cannot become
+        "qwen_family_on_llama": (recipe(tmp / "qf.yaml", base, good, extra="architecture: qwen"),
+                                 "which qwen3_moe cannot be built from"),
+        "shared_on_qwen3": (recipe(tmp / "sq3.yaml", base, good, extra="architecture: qwen3_moe",
+                                   shared=f"  - source_model: {base}\n"),
+                            "architecture qwen3_moe has no shared expert"),
         "identical": (recipe(tmp / "ident.yaml", base, [(code, CODE), (code, MATH)]),
                       "--allow-identical-experts"),
         "qwen_without_shared": (recipe(tmp / "qws.yaml", base, good, extra="architecture: qwen2_moe"),
@@ -339,3 +345,169 @@ def test_cli_refuses_bad_input_in_one_line_and_writes_nothing(
         assert err.startswith("fusekit: error:") and "\n" not in err, (name, err)
         assert expected in err, (name, err)
         assert not out.exists() and not list(tmp_path.glob(f".out-{name}*")), name
+
+
+# -- mergekit-moe compatibility: empty prompts, the identical-experts flag, Qwen3-MoE, DeepSeek-MoE -----
+
+def _bos_reference(base: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64: each layer's input hidden state of the BOS token alone, and its embedding row."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64).eval()
+    bos = transformers.AutoTokenizer.from_pretrained(base).bos_token_id
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[bos]]), output_hidden_states=True)
+    hidden = torch.stack([h[0, -1] for h in out.hidden_states[:-1]])  # (layers, hidden)
+    return hidden, model.get_input_embeddings().weight[bos].detach()
+
+
+@pytest.mark.parametrize("gate_mode", ["hidden", "cheap_embed"])
+def test_empty_prompt_routes_on_the_start_of_text(models: dict[str, Path], tmp_path: Path,
+                                                  gate_mode: str) -> None:
+    """mergekit-moe feeds BOS + prompt, so `[""]` is the BOS token alone: its hidden state or embedding."""
+    text = recipe(tmp_path / "moe.yaml", models["base"], [(models["code"], [""]), (models["math"], MATH)],
+                  extra=f"gate_mode: {gate_mode}")
+    run_moe(text, tmp_path / "out")
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    hidden, embedding = _bos_reference(models["base"])
+    for layer in range(2):
+        expected = hidden[layer] if gate_mode == "hidden" else embedding
+        row = weights[f"model.layers.{layer}.block_sparse_moe.gate.weight"][0].double()
+        torch.testing.assert_close(row, expected / expected.norm(), rtol=0, atol=1e-5)
+
+
+def test_identical_experts_warn_with_mergekits_flag(models: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    base = models["base"]
+    text = recipe(tmp_path / "moe.yaml", base, [(base, []), (base, [])], extra="gate_mode: random")
+    assert cli("moe", text, tmp_path / "refused") == 2
+    assert "--i-understand-this-is-not-useful-without-training" in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="fusekit"):
+        assert cli("moe", text, tmp_path / "out", "--i-understand-this-is-not-useful-without-training") == 0
+    warnings = [r.getMessage() for r in caplog.records if "every expert is the same model" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def qwen3(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random Qwen3 dense models (base and one expert) sharing the demo tokenizer."""
+    root = tmp_path_factory.mktemp("qwen3")
+    folders = {}
+    for name, seed in [("base", 0), ("expert", 1)]:
+        torch.manual_seed(seed)
+        config = transformers.Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          vocab_size=260, max_position_embeddings=64, bos_token_id=1,
+                                          eos_token_id=2)
+        transformers.Qwen3ForCausalLM(config).save_pretrained(root / name)
+        for file in [*models["base"].glob("tokenizer*"), *models["base"].glob("special_tokens*")]:
+            shutil.copy(file, root / name)
+        folders[name] = root / name
+    return folders
+
+
+def test_qwen3_moe_loads_generates_and_holds_each_experts_mlp(qwen3: dict[str, Path], tmp_path: Path) -> None:
+    base, expert = qwen3["base"], qwen3["expert"]
+    # mergekit-moe's `architecture: qwen` without shared experts on Qwen3 models is Qwen3-MoE
+    text = recipe(tmp_path / "moe.yaml", base, [(base, CODE), (expert, MATH)], extra="architecture: qwen")
+    out = tmp_path / "out"
+    run_moe(text, out)
+    config = json.loads((out / "config.json").read_text())
+    keys = ("model_type", "num_experts", "moe_intermediate_size")
+    assert tuple(config[k] for k in keys) == ("qwen3_moe", 2, 64)
+    assert config["norm_topk_prob"] is True and config["mlp_only_layers"] == []
+    moe = load(out)
+    for index, source in enumerate([base, expert]):
+        dense = load_file(source / "model.safetensors")
+        for layer in range(2):
+            mlp = moe.model.layers[layer].mlp.experts
+            parts = {p: dense[f"model.layers.{layer}.mlp.{p}.weight"].double()
+                     for p in ("gate_proj", "up_proj", "down_proj")}
+            assert torch.equal(mlp.gate_up_proj[index], torch.cat([parts["gate_proj"], parts["up_proj"]]))
+            assert torch.equal(mlp.down_proj[index], parts["down_proj"])
+    q_norm = load_file(base / "model.safetensors")["model.layers.1.self_attn.q_norm.weight"].double()
+    assert torch.equal(moe.model.layers[1].self_attn.q_norm.weight, q_norm)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    generated = moe.generate(**tokenizer("def", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == len(tokenizer("def")["input_ids"]) + 4
+
+
+def test_qwen3_moe_of_identical_experts_computes_the_dense_model(qwen3: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    base = qwen3["base"]
+    text = recipe(tmp_path / "moe.yaml", base, [(base, []), (base, [])], extra="gate_mode: random")
+    run_moe(text, tmp_path / "out", allow_identical_experts=True, random_seed=2)
+    moe, dense = load(tmp_path / "out"), load(base)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    for prompt in ["Hello there", CODE[1]]:
+        torch.testing.assert_close(logits(moe, tokenizer, prompt), logits(dense, tokenizer, prompt),
+                                   rtol=0, atol=1e-7)
+
+
+def _deepseek_as_qwen2_moe(folder: Path, out: Path) -> Path:
+    """Re-express a DeepSeek-MoE checkpoint in Qwen2-MoE, which this transformers runs natively.
+
+    DeepSeek-MoE computes Σ_top-k w_e E_e(x) + S(x) (softmax weights renormalised over the top k,
+    shared expert ungated); Qwen2-MoE computes the same sum with sigmoid(g · x) S(x), so a zero gate
+    and a doubled shared down_proj give the identical function (a zero shared expert when there is none).
+    """
+    config = json.loads((folder / "config.json").read_text())
+    shared = config["n_shared_experts"] or 0
+    weights = load_file(folder / "model.safetensors")
+    converted = {name.replace(".mlp.shared_experts.", ".mlp.shared_expert."): tensor
+                 for name, tensor in weights.items()}
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}.mlp."
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            name, factor = f"{prefix}shared_expert.{part}.weight", 2 if part == "down_proj" else 1
+            like = converted[f"{prefix}experts.0.{part}.weight"]
+            converted[name] = converted[name] * factor if shared else torch.zeros_like(like)
+        converted[f"{prefix}shared_expert_gate.weight"] = torch.zeros(1, config["hidden_size"])
+    out.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(converted, str(out / "model.safetensors"))
+    keep = {k: v for k, v in config.items() if k not in ("auto_map", "n_routed_experts", "n_shared_experts")}
+    qwen = {**keep, "model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"],
+            "num_experts": config["n_routed_experts"], "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "shared_expert_intermediate_size": config["moe_intermediate_size"], "qkv_bias": False}
+    (out / "config.json").write_text(json.dumps(qwen))
+    for file in folder.glob("tokenizer*"):
+        shutil.copy(file, out)
+    return out
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_deepseek_moe_is_mergekits_layout_and_computes_the_dense_model(
+        models: dict[str, Path], dense: torch.nn.Module, tmp_path: Path, shared: bool) -> None:
+    base = models["base"]
+    share = f"  - source_model: {base}\n    residual_scale: 0.25\n" if shared else ""
+    text = recipe(tmp_path / "moe.yaml", base, [(base, CODE), (base, MATH)],
+                  extra="architecture: deepseek", shared=share)
+    out = tmp_path / "out"
+    run_moe(text, out, allow_identical_experts=True)
+    config = json.loads((out / "config.json").read_text())
+    keys = ("model_type", "n_routed_experts", "n_shared_experts", "first_k_dense_replace", "moe_layer_freq",
+            "scoring_func", "norm_topk_prob", "num_experts_per_tok", "moe_intermediate_size")
+    assert {k: config[k] for k in keys} == {
+        "model_type": "deepseek", "n_routed_experts": 2, "n_shared_experts": 1 if shared else None,
+        "first_k_dense_replace": 0, "moe_layer_freq": 1, "scoring_func": "softmax", "norm_topk_prob": True,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": json.loads((base / "config.json").read_text())["intermediate_size"]}
+    assert config["auto_map"]["AutoModelForCausalLM"].endswith("modeling_deepseek.DeepseekForCausalLM")
+    assert "trust_remote_code=True" in (out / "README.md").read_text()
+    weights, source = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
+    routed, kept = (0.75, 0.25) if shared else (1.0, 0.0)
+    down = source["model.layers.1.mlp.down_proj.weight"]
+    torch.testing.assert_close(weights["model.layers.1.mlp.experts.1.down_proj.weight"], down * routed)
+    assert torch.equal(weights["model.layers.0.mlp.experts.0.gate_proj.weight"],
+                       source["model.layers.0.mlp.gate_proj.weight"])
+    assert ("model.layers.1.mlp.shared_experts.down_proj.weight" in weights) == shared
+    if shared:
+        torch.testing.assert_close(weights["model.layers.1.mlp.shared_experts.down_proj.weight"], down * kept)
+    assert not any("shared_expert_gate" in n or n.endswith("mlp.down_proj.weight") for n in weights)
+    moe = load(_deepseek_as_qwen2_moe(out, tmp_path / "qwen"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)  # out's config points to remote code
+    for prompt in ["Hello there", CODE[0]]:
+        torch.testing.assert_close(logits(moe, tokenizer, prompt), logits(dense, tokenizer, prompt),
+                                   rtol=0, atol=1e-7)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from fusekit.errors import CheckpointError
 from fusekit.io.files import write_json, write_text
 from fusekit.io.lock import seal_output
 from fusekit.io.outputs import claim_output, model_inputs
-from fusekit.io.reader import CheckpointReader
+from fusekit.io.reader import open_reader
 from fusekit.io.refs import ResolvedModel
 from fusekit.io.tokenizer import copy_generation_config, copy_tokenizer
 from fusekit.io.writer import atomic_output, check_output_folder
@@ -73,7 +74,7 @@ def compute_gates(moe_plan: MoePlan, *, device: str, seed: int) -> dict[str, tor
     experts = len(recipe.experts)
     if recipe.gate_mode in PROMPT_GATES:
         base = moe_plan.graph.models[recipe.base_model]
-        embedding = next(n for n in CheckpointReader(base).names() if is_embedding(n))
+        embedding = next(n for n in open_reader(base).names() if is_embedding(n))
         gates = prompt_gates(recipe.gate_mode, recipe.base_model, base, recipe.experts,
                              layers=moe_plan.layers, embedding=embedding, device=device)
         gc.collect()  # the base model loaded for hidden gates is no longer referenced
@@ -118,14 +119,13 @@ def run_moe(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
     from fusekit.device import resolve_device
     from fusekit.merging import pick_seed
 
+    started = time.perf_counter()  # the summary's seconds: the whole run, gate pass included
     resolve_device(device)  # a bad --device fails before any work
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite=overwrite)
     moe_plan = plan_moe(recipe, allow_pickle=allow_pickle, allow_identical_experts=allow_identical_experts)
     inputs = [*model_inputs(moe_plan.graph.models.values()), ("recipe", Path(recipe))]
-    if moe_plan.recipe.shared_experts and moe_plan.recipe.shared_experts[0].positive_prompts:
-        log.warning("shared_experts[0]: its prompts are not used; the shared expert is always on, "
-                    "with the share of the MLP output its residual_scale gives (default 0.5)")
+    _warn(moe_plan)
     seed = pick_seed(random_seed, stochastic=moe_plan.stochastic)
     # Claimed before the gate pass (which can take minutes), so a second run refuses at once.
     with claim_output(out_dir, inputs=inputs, overwrite=overwrite), \
@@ -139,8 +139,20 @@ def run_moe(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
             stats = executor.run(temp)
             _write_side_files(moe_plan, temp, name=out_dir.name, seed=seed)
             seal_output(temp, kind="moe", recipe_text=moe_plan.recipe_text, recipe_name=Path(recipe).name)
-    stats = replace(stats, files=tuple(out_dir / f.name for f in stats.files))
+    stats = replace(stats, files=tuple(out_dir / f.name for f in stats.files),
+                    seconds=time.perf_counter() - started)
     return MoeResult(out_dir=out_dir, moe_plan=moe_plan, stats=stats, seed=seed)
+
+
+def _warn(moe_plan: MoePlan) -> None:
+    """One line each for what the run will do differently from what the recipe may suggest."""
+    recipe = moe_plan.recipe
+    if recipe.shared_experts and recipe.shared_experts[0].positive_prompts:
+        log.warning("shared_experts[0]: its prompts are not used; the shared expert is always on, "
+                    "with the share of the MLP output its residual_scale gives (default 0.5)")
+    if len(recipe.experts) > 1 and len({e.source_model for e in recipe.experts}) == 1:
+        log.warning("every expert is the same model '%s' (allowed by --allow-identical-experts): the "
+                    "MoE computes what that model does until it is trained", recipe.experts[0].source_model)
 
 
 def _write_side_files(moe_plan: MoePlan, out: Path, *, name: str, seed: int) -> None:
@@ -154,7 +166,10 @@ def _write_side_files(moe_plan: MoePlan, out: Path, *, name: str, seed: int) -> 
 
 
 def _check_config(config: dict[str, Any]) -> None:
-    """Have the installed transformers (when present) parse the config it will load."""
+    """Have the installed transformers (when present) parse the config it will load (not a config
+    whose modelling code lives on the Hub, as DeepSeek-MoE's does)."""
+    if "auto_map" in config:
+        return
     try:
         from transformers import AutoConfig
     except ImportError:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-import yaml
-
-from fusekit.io.refs import hub_repo_id
+from fusekit.io.card import card_metadata, front_matter, input_line, rebuild_lines
 from fusekit.version import __version__
 
 if TYPE_CHECKING:
@@ -40,32 +38,34 @@ def _expert_lines(title: str, expert: Expert) -> list[str]:
 
 
 def moe_card(moe_plan: MoePlan, *, name: str, seed: int) -> str:
-    """README.md text: Hub front matter (tags moe, merge, fusekit), experts, gates, recipe."""
+    """README.md text: Hub front matter (as :func:`fusekit.io.card.card_metadata` writes it, tagged
+    ``moe`` too), inputs, experts, gates, recipe; ``seed`` is shown only when the build is stochastic."""
+    from fusekit.moe.build import RECIPE_COPY  # build imports this module
+
     recipe = moe_plan.recipe
-    refs = recipe.expert_refs()
-    hub_models = list(dict.fromkeys(h for h in map(hub_repo_id, refs) if h))
-    metadata: dict[str, object] = {"base_model": hub_models, "library_name": "transformers",
-                                   "tags": ["moe", "merge", "fusekit"], "merge_method": "moe"}
-    front = yaml.safe_dump(metadata, sort_keys=False).strip()
+    shown_seed = seed if moe_plan.stochastic else None
+    metadata = card_metadata(refs=recipe.expert_refs(), method="moe", tags=["moe"], seed=shown_seed,
+                             recipe_file=RECIPE_COPY)
     shared = recipe.shared_experts or []
     lines = [
-        "---", front, "---", "", f"# {name}", "",
+        *front_matter(metadata), "", f"# {name}", "",
         f"A {moe_plan.architecture} mixture of experts upcycled from dense models with fusekit "
         f"{__version__}: {len(recipe.experts)} experts per layer, {recipe.experts_per_token} active "
         f"per token{', plus one always-on shared expert' if shared else ''}. Attention, norms, "
         f"embeddings and the LM head come from the base model `{recipe.base_model}`; each expert "
         "is the MLP of its source model.", "",
+        *(["DeepSeek-MoE's modelling code lives on the Hub: load this model with "
+           "`trust_remote_code=True` (see `auto_map` in config.json).", ""]
+          if moe_plan.architecture == "deepseek" else []),
         f"Gate mode: `{recipe.gate_mode}` — {_GATE_TEXT[recipe.gate_mode]}.", "",
+        "## Models", "",
+        *[input_line(ref, ref, base=ref == recipe.base_model) for ref in recipe.expert_refs()], "",
         "## Experts", "",
     ]
     for index, expert in enumerate(recipe.experts):
         lines += _expert_lines(f"expert {index}", expert)
     for expert in shared:
         lines += _expert_lines("shared expert", expert)
-    lines += [
-        "", "## Recipe", "",
-        f"`fusekit moe recipe.yaml OUT_DIR{f' --random-seed {seed}' if moe_plan.stochastic else ''}` "
-        "rebuilds this model from the recipe below.", "",
-        "```yaml", moe_plan.recipe_text.strip(), "```", "",
-    ]
+    lines += ["", *rebuild_lines("fusekit moe", RECIPE_COPY, moe_plan.recipe_text, shown_seed,
+                                      locked=False)]
     return "\n".join(lines)

@@ -2,7 +2,9 @@
 
 ``hidden``: run the base model on each prompt, take every layer's input hidden state at the last
 token, average over an expert's positive prompts, subtract the average over its negative prompts,
-normalise to unit length. ``cheap_embed``: the same with the prompts' mean token embedding (no
+normalise to unit length. An empty prompt is the BOS token alone (what mergekit-moe feeds the model
+for ``""``), so its row is the hidden state (or embedding) of the start of a text.
+``cheap_embed``: the same with the prompts' mean token embedding (no
 forward pass), one vector for every layer. ``random``: standard normal entries. ``uniform_random``:
 ``U(-1/sqrt(hidden), 1/sqrt(hidden))``, torch's default for a linear layer. Random gates draw from a
 generator seeded by (seed, router tensor name), so a seed gives the same gates on any device.
@@ -18,10 +20,11 @@ from pathlib import Path
 import torch
 
 from fusekit.errors import CheckpointError, RecipeError
-from fusekit.io.reader import CheckpointReader
+from fusekit.io.reader import open_reader
 from fusekit.io.refs import ResolvedModel
 from fusekit.moe.recipe import Expert
 from fusekit.ops import seeded_generator
+from fusekit.progress import steps
 
 log = logging.getLogger("fusekit")
 PARALLEL_COSINE = 0.98  # gate rows this aligned barely separate their experts
@@ -50,9 +53,12 @@ def prompt_gates(mode: str, base_ref: str, base: ResolvedModel, experts: Sequenc
 
     def token_ids(owner: str, prompt: str) -> list[int]:
         ids = list(tokenizer(prompt)["input_ids"])
+        if not ids and tokenizer.bos_token_id is not None:  # "": the start of a text, as mergekit reads it
+            ids = [tokenizer.bos_token_id]
         if not ids:
             raise RecipeError(f"{owner}: prompt {prompt!r} gives no tokens with the base model's "
-                              "tokenizer; use a longer prompt")
+                              "tokenizer (an empty prompt stands for its BOS token, and it has none); "
+                              "use a longer prompt")
         return ids
 
     features: Callable[[str, str], torch.Tensor]  # (owner, prompt) -> (layers, hidden)
@@ -60,20 +66,31 @@ def prompt_gates(mode: str, base_ref: str, base: ResolvedModel, experts: Sequenc
         features = _hidden_features(base_ref, device, token_ids)
     else:
         features = _embedding_features(base, embedding, layers, token_ids)
-    rows = []
-    for index, expert in enumerate(experts):
-        owner = f"experts[{index}] ({expert.source_model})"
-        vector = _mean([features(owner, p) for p in expert.positive_prompts or []])
-        if expert.negative_prompts:
-            vector = vector - _mean([features(owner, p) for p in expert.negative_prompts])
-        norms = vector.norm(dim=-1, keepdim=True)
-        if bool((norms < 1e-12).any()):
-            raise RecipeError(f"{owner}: the positive and negative prompts give the same average "
-                              "hidden state, so the gate has no direction; change the prompts")
-        rows.append(vector / norms)  # (layers, hidden)
+    total = sum(len(e.positive_prompts or []) + len(e.negative_prompts or []) for e in experts)
+    with steps(f"gates: {mode} states of {total} prompts", total=total, unit="prompt") as advance:
+        def counted(owner: str, prompt: str) -> torch.Tensor:
+            out = features(owner, prompt)
+            advance(1)
+            return out
+
+        rows = [_gate_row(index, expert, counted) for index, expert in enumerate(experts)]
     stacked = torch.stack(rows, dim=1)  # (layers, experts, hidden)
     warn_if_parallel(stacked)
     return list(stacked.unbind(0))
+
+
+def _gate_row(index: int, expert: Expert, features: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
+    """``(layers, hidden)``: the unit-length mean of the expert's positive prompts' states less that
+    of its negative prompts."""
+    owner = f"experts[{index}] ({expert.source_model})"
+    vector = _mean([features(owner, p) for p in expert.positive_prompts or []])
+    if expert.negative_prompts:
+        vector = vector - _mean([features(owner, p) for p in expert.negative_prompts])
+    norms = vector.norm(dim=-1, keepdim=True)
+    if bool((norms < 1e-12).any()):
+        raise RecipeError(f"{owner}: the positive and negative prompts give the same average "
+                          "hidden state, so the gate has no direction; change the prompts")
+    return vector / norms
 
 
 def _mean(vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -101,7 +118,7 @@ def _hidden_features(base_ref: str, device: str, token_ids: Callable[[str, str],
 
 def _embedding_features(base: ResolvedModel, embedding: str, layers: int,
                         token_ids: Callable[[str, str], list[int]]) -> Callable[[str, str], torch.Tensor]:
-    reader = CheckpointReader(base)
+    reader = open_reader(base)
     vocab = reader.info(embedding).shape[0]
 
     def features(owner: str, prompt: str) -> torch.Tensor:

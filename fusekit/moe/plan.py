@@ -17,10 +17,10 @@ import torch
 
 from fusekit.arch import is_embedding, layer_index, role
 from fusekit.errors import CheckpointError, RecipeError, TensorMismatchError
-from fusekit.io.reader import CheckpointReader
+from fusekit.io.reader import open_reader
 from fusekit.io.refs import resolve_model
 from fusekit.moe import layout
-from fusekit.moe.recipe import PROMPT_GATES, Expert, MoeRecipe, load_moe_recipe
+from fusekit.moe.recipe import PROMPT_GATES, QWEN_FAMILY, Expert, MoeRecipe, load_moe_recipe
 from fusekit.ops.moe import ExpertNoiseModelParams
 from fusekit.ops.passthrough import PassthroughModelParams
 from fusekit.ops.registry import NoParams
@@ -37,7 +37,7 @@ class MoePlan:
 
     Attributes:
         recipe / recipe_text: the validated recipe and its YAML as written.
-        architecture: ``mixtral`` or ``qwen2_moe``.
+        architecture: ``mixtral``, ``qwen2_moe``, ``qwen3_moe`` or ``deepseek``.
         graph: one task per output tensor and the models they read; router tensors read from
             :data:`GATES`, which exists only once the gates are computed (see
             :func:`fusekit.moe.run_moe`).
@@ -100,11 +100,13 @@ class _Planner:
     def __init__(self, recipe: MoeRecipe, text: str, *, allow_pickle: bool) -> None:
         self.recipe = recipe
         self.text = text
-        self.models = {ref: resolve_model(ref, allow_pickle=allow_pickle) for ref in recipe.expert_refs()}
-        self.readers = {ref: CheckpointReader(m) for ref, m in self.models.items()}
+        self.models = {ref: resolve_model(ref, allow_pickle=allow_pickle, base=recipe.base_model)
+                       for ref in recipe.expert_refs()}
+        self.readers = {ref: open_reader(m) for ref, m in self.models.items()}
         self.configs = {ref: read_config(m) for ref, m in self.models.items()}
         self.base = recipe.base_model
         self.shared: Expert | None = recipe.shared_experts[0] if recipe.shared_experts else None
+        self.arch = ""  # the output architecture, once build() has chosen it
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -114,15 +116,22 @@ class _Planner:
             raise CheckpointError(f"base_model '{self.base}': {self.models[self.base].folder} has no "
                                   "config.json; the MoE config is built from it")
         named = self.recipe.architecture
-        arch = named or ("qwen2_moe" if self.shared else "mixtral")
+        arch = self._choose(named, base_type)
         if base_type not in layout.SOURCE_TYPES[arch]:
             fits = [a for a, types in layout.SOURCE_TYPES.items() if base_type in types]
             hint = (f"; model_type {base_type} can become {' or '.join(fits)}" if fits else "")
             if arch == "mixtral" and "qwen2_moe" in fits and not named:
                 hint += " (qwen2_moe needs one entry in shared_experts)"
+            if named == QWEN_FAMILY:
+                hint += (" (architecture: qwen is Qwen2-MoE with one shared expert, Qwen3-MoE for "
+                         "Qwen3 models without one; mergekit-moe refuses this too)")
             raise RecipeError(f"base_model '{self.base}' has model_type '{base_type}', which "
                               f"{arch} cannot be built from (it takes "
                               f"{', '.join(layout.SOURCE_TYPES[arch])}){hint}")
+        if arch == "qwen3_moe" and self.configs[self.base].get("use_sliding_window"):
+            raise RecipeError(f"base_model '{self.base}' uses sliding-window attention "
+                              "(use_sliding_window: true), which Qwen3-MoE would apply to every "
+                              "layer; use a base with full attention")
         for where, expert in self._expert_entries():
             their = self.configs[expert.source_model].get("model_type")
             if their != base_type:
@@ -130,6 +139,16 @@ class _Planner:
                     f"{where} '{expert.source_model}' has model_type '{their}' but the base "
                     f"'{self.base}' has '{base_type}'; every expert must share the base's architecture")
         return arch
+
+    def _choose(self, named: str | None, base_type: object) -> str:
+        """The output architecture: as named, or as mergekit-moe picks it (``qwen``: Qwen2-MoE with
+        a shared expert, else Qwen3-MoE; unnamed: Qwen2-MoE with a shared expert, Qwen3-MoE for a
+        Qwen3 base, else Mixtral)."""
+        if named is not None and named != QWEN_FAMILY:
+            return named
+        if self.shared is not None:
+            return "qwen2_moe"
+        return "qwen3_moe" if base_type == "qwen3" or named == QWEN_FAMILY else "mixtral"
 
     def _expert_entries(self) -> list[tuple[str, Expert]]:
         entries = [(f"experts[{i}]", e) for i, e in enumerate(self.recipe.experts)]
@@ -176,11 +195,11 @@ class _Planner:
 
     def build(self) -> MoePlan:
         """Check the models against each other and list every output tensor's task."""
-        arch = self._architecture()
+        arch = self.arch = self._architecture()
         config = self.configs[self.base]
         base_reader = self.readers[self.base]
         names = list(base_reader.names())
-        qkv_bias = layout.check_attention(arch, self.base, names)
+        attention_bias = layout.check_attention(arch, self.base, names)
         layers = int(config.get("num_hidden_layers") or 0)
         mlp = self._mlp_tensors(layers)
         self._check_expert_shapes(mlp)
@@ -191,7 +210,7 @@ class _Planner:
         out_dtype = self._out_dtype(base_reader.info(embedding).dtype)
         routers = [layout.router_name(arch, layer) for layer in range(layers)]
         shared_gates = [layout.shared_gate_name(layer) for layer in range(layers)] \
-            if self.shared is not None else []
+            if self.shared is not None and arch in layout.GATED_SHARED else []
         tasks = [self._copy(self.base, name, name, out_dtype) for name in names if role(name) == "pre"]
         for layer in range(layers):
             tasks += self._layer_tasks(arch, layer, layers, names, mlp, hidden, out_dtype)
@@ -200,7 +219,8 @@ class _Planner:
                         if self.shared is not None and layers else None)
         dtype_name = next(k for k, v in DTYPES.items() if v == out_dtype)
         out_config = layout.output_config(arch, config, experts=len(self.recipe.experts),
-                                          per_token=self.recipe.experts_per_token, qkv_bias=qkv_bias,
+                                          per_token=self.recipe.experts_per_token,
+                                          attention_bias=attention_bias, shared=int(self.shared is not None),
                                           shared_intermediate=shared_width, dtype=dtype_name)
         base_bytes = sum(base_reader.info(n).nbytes // base_reader.info(n).dtype.itemsize * 4
                          for n in names)
@@ -225,9 +245,10 @@ class _Planner:
                       for part in layout.MLP_PARTS]
         if self.shared is not None:
             tasks += [self._expert(self.shared, mlp[layer][part].name,
-                                   layout.shared_expert_name(layer, part), out_dtype, t, routed=False)
+                                   layout.shared_expert_name(arch, layer, part), out_dtype, t, routed=False)
                       for part in layout.MLP_PARTS]
-            tasks.append(self._gate(layout.shared_gate_name(layer), (1, hidden), out_dtype, t))
+            if arch in layout.GATED_SHARED:
+                tasks.append(self._gate(layout.shared_gate_name(layer), (1, hidden), out_dtype, t))
         return tasks
 
     def _out_dtype(self, stored: torch.dtype) -> torch.dtype:
@@ -270,8 +291,10 @@ class _Planner:
                 scale = expert.residual_scale
                 if self.shared is not None:
                     scale = (1.0 if scale is None else scale) * (1.0 - shared_share)
-            else:  # the shared expert's gate is zero: sigmoid(0) = 1/2 is undone here
+            elif self.arch in layout.GATED_SHARED:  # its gate is zero: sigmoid(0) = 1/2 undone here
                 scale = 2.0 * shared_share
+            else:  # DeepSeek-MoE adds the shared expert ungated
+                scale = shared_share
             scale = None if scale == 1.0 else scale
         return self._copy(expert.source_model, name, output, out_dtype, t=t, scale=scale,
                           noise=expert.noise_scale)

@@ -18,11 +18,18 @@ from fusekit.recipe.schema import DType, ModelRefText
 
 GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random"]
 PROMPT_GATES = ("hidden", "cheap_embed")
-# Output architectures fusekit writes, and the names mergekit-moe recipes use for them.
-ARCHITECTURES = ("mixtral", "qwen2_moe")
-_ARCHITECTURE_ALIASES = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen": "qwen2_moe",
-                         "qwen_moe": "qwen2_moe", "qwen2moe": "qwen2_moe"}
-HAS_SHARED_EXPERT = {"mixtral": False, "qwen2_moe": True}
+# Output architectures fusekit writes, and the names mergekit-moe recipes use for them. mergekit-moe
+# matches `architecture:` as a prefix of "Mixtral", "DeepSeek MoE", "Qwen MoE" and "Qwen3 MoE", so
+# `qwen` names both Qwen outputs; the plan picks Qwen2-MoE with a shared expert, Qwen3-MoE without.
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek")
+QWEN_FAMILY = "qwen"
+_ARCHITECTURE_ALIASES = {
+    "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen_moe": "qwen2_moe", "qwen2moe": "qwen2_moe",
+    "qwen2": "qwen2_moe", "qwen": QWEN_FAMILY, "qwen3": "qwen3_moe", "qwen3_moe": "qwen3_moe",
+    "qwen3moe": "qwen3_moe", "deepseek": "deepseek", "deepseek_moe": "deepseek", "deepseekmoe": "deepseek",
+}
+# How many shared experts each output holds: Qwen2-MoE exactly one, DeepSeek-MoE none or one.
+SHARED_EXPERTS = {"mixtral": (0,), "qwen2_moe": (1,), "qwen3_moe": (0,), "deepseek": (0, 1)}
 
 
 class _Strict(BaseModel):
@@ -35,7 +42,8 @@ class Expert(_Strict):
     Attributes:
         source_model: the dense model whose MLP becomes this expert.
         positive_prompts / negative_prompts: text the expert should (not) be routed; ``hidden``
-            and ``cheap_embed`` gates are computed from them.
+            and ``cheap_embed`` gates are computed from them. An empty prompt ``""`` is the start
+            of a text alone (the base tokenizer's BOS token), as mergekit-moe reads it.
         noise_scale: standard deviation of the Gaussian noise added to the copied weights
             (None: exact copies).
         residual_scale: factor on the expert's ``down_proj`` (for a shared expert: its share of
@@ -47,14 +55,6 @@ class Expert(_Strict):
     negative_prompts: list[str] | None = None
     noise_scale: float | None = Field(None, ge=0, allow_inf_nan=False)
     residual_scale: float | None = Field(None, allow_inf_nan=False)
-
-    @field_validator("positive_prompts", "negative_prompts")
-    @classmethod
-    def _non_empty(cls, prompts: list[str] | None) -> list[str] | None:
-        for i, prompt in enumerate(prompts or []):
-            if not prompt.strip():
-                raise ValueError(f"prompt {i} is empty; give text that shows what the expert is for")
-        return prompts
 
     def prompt_sets(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The positive and negative prompts as tuples (empty when not given), for comparing experts."""
@@ -70,9 +70,10 @@ class MoeRecipe(_Strict):
         gate_mode: how routers start out: ``hidden`` (default), ``cheap_embed``, ``random`` or
             ``uniform_random``.
         experts_per_token: experts each token is routed to (default 2).
-        shared_experts: at most one always-on expert (Qwen2-MoE).
-        architecture: ``mixtral`` or ``qwen2_moe`` (aliases accepted); None chooses from
-            ``shared_experts``.
+        shared_experts: at most one always-on expert (Qwen2-MoE, DeepSeek-MoE).
+        architecture: ``mixtral``, ``qwen2_moe``, ``qwen3_moe`` or ``deepseek`` (mergekit-moe's
+            names accepted; ``qwen`` is Qwen2-MoE with a shared expert, Qwen3-MoE without); None
+            chooses from ``shared_experts`` and the base's model_type.
         dtype: output dtype (default: the base's).
 
     Example:
@@ -93,7 +94,7 @@ class MoeRecipe(_Strict):
     def _known_architecture(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        name = _ARCHITECTURE_ALIASES.get(value.strip().lower().replace("-", "_"))
+        name = _ARCHITECTURE_ALIASES.get(value.strip().lower().replace("-", "_").replace(" ", "_"))
         if name is None:
             raise ValueError(f"unknown architecture '{value}'; valid: {', '.join(ARCHITECTURES)} "
                              "(or leave it out to choose automatically)")
@@ -133,13 +134,15 @@ def check_moe_recipe(recipe: MoeRecipe, *, allow_identical_experts: bool = False
     if len(shared) > 1:
         problems.append((("shared_experts",), f"at most one shared expert is supported, got "
                          f"{len(shared)}"))
-    if shared and recipe.architecture is not None and not HAS_SHARED_EXPERT[recipe.architecture]:
-        with_shared = ", ".join(a for a, has in HAS_SHARED_EXPERT.items() if has)
-        problems.append((("shared_experts",), f"architecture {recipe.architecture} has no shared "
+    arch = recipe.architecture
+    if shared and arch in SHARED_EXPERTS and 1 not in SHARED_EXPERTS[arch]:
+        with_shared = " or ".join(a for a, counts in SHARED_EXPERTS.items() if 1 in counts)
+        problems.append((("shared_experts",), f"architecture {arch} has no shared "
                          f"expert; remove shared_experts or use architecture: {with_shared}"))
-    if recipe.architecture == "qwen2_moe" and not shared:
+    if arch == "qwen2_moe" and not shared:
         problems.append((("architecture",), "qwen2_moe needs one entry in shared_experts (its "
-                         "always-on expert); add one, or use architecture: mixtral"))
+                         "always-on expert; mergekit-moe refuses this too); add one, or use "
+                         "architecture: mixtral, deepseek, or qwen3_moe for Qwen3 models"))
     for i, expert in enumerate(shared):
         scale = expert.residual_scale
         if scale is not None and not 0 <= scale <= 1:
@@ -149,7 +152,8 @@ def check_moe_recipe(recipe: MoeRecipe, *, allow_identical_experts: bool = False
     if count > 1 and len(sources) == 1 and not allow_identical_experts:
         problems.append((("experts",), f"every expert is the same model '{recipe.experts[0].source_model}'"
                          "; the MoE would compute exactly what that model does at a higher cost. "
-                         "Pass --allow-identical-experts if you will train it afterwards"))
+                         "Pass --allow-identical-experts (mergekit-moe's "
+                         "--i-understand-this-is-not-useful-without-training) if you will train it"))
     return problems
 
 
