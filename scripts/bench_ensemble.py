@@ -14,6 +14,9 @@ ensemble must do at least: every member's forward per token, but no combining). 
 the sum of members is what the hardware charges for switching between several models' weights
 every token (caches), not ensemble code; ``overhead_vs_lockstep`` is the ensemble code's own cost.
 
+The ``byte1`` .. ``byte8`` rows (``method: byte`` at beam 1, 2, 4, 8) decode ``--tokens`` bytes, so
+their ``ensemble_tokens_per_second`` is bytes per second (members alone stay in tokens per second).
+
 Runs are interleaved (members, lockstep, ensemble, then again) and the best of ``--repeats`` is
 kept for each, since shared machines are noisy. ``--clock cpu`` (default) times the process's CPU
 seconds, which other programs on a busy machine disturb far less than wall-clock time.
@@ -104,7 +107,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu")
-    parser.add_argument("--only", choices=["prob_avg", "union", "relative"], action="append",
+    parser.add_argument("--only", action="append",
+                        choices=["prob_avg", "union", "relative", "byte1", "byte2", "byte4", "byte8"],
                         help="run only these cases (repeatable)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -123,6 +127,10 @@ def main() -> None:
         "relative": ("different vocabularies: relative python+prose-b",
                      f"models:\n  - model: {e}/python\n  - model: {e}/prose-b\nmethod: relative\n{no_stop}"),
     }
+    for beam in (1, 2, 4, 8):
+        cases[f"byte{beam}"] = (f"different vocabularies: byte (beam {beam}) python+prose-b, bytes",
+                                f"models:\n  - model: {e}/python\n  - model: {e}/prose-b\nmethod: byte\n"
+                                f"parameters: {{beam: {beam}}}\n{no_stop}")
     chosen = args.only or list(cases)
     rows = [bench(*cases[c], args.tokens, args.repeats, args.device, args.clock) for c in chosen]
     if args.json:

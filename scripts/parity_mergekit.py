@@ -229,6 +229,66 @@ def ensure_models(work: Path, *, rebuild: bool) -> None:
         stamp.write_text(wanted)
 
 
+UNION_ADDED = {  # model -> tokens its tokenizer adds after the 260 shared ones (union recipes)
+    "base": (), "math": ("<|im_start|>", "<|math|>"), "code": ("<|code|>", "<|im_start|>", "<|im_end|>"),
+    "chat": ("<|im_end|>", "<|im_start|>", "<|chat|>"),
+}
+
+
+def ensure_union_models(work: Path) -> None:
+    """parity-models/union: the f32 models, each tokenizer with added tokens of its own (the same
+    token at different ids across models, and tokens only one model has); weights unchanged."""
+    source, target = work / MODELS_DIR / "f32", work / MODELS_DIR / "union"
+    stamp = target / "parity-stamp.json"
+    wanted = json.dumps({"from": (source / "parity-stamp.json").read_text(), "added": UNION_ADDED},
+                        sort_keys=True)
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target)
+    for name, added in UNION_ADDED.items():
+        path = target / name / "tokenizer.json"
+        data = json.loads(path.read_text(encoding="utf-8"))
+        first = 1 + max(e["id"] for e in data["added_tokens"])
+        first = max(first, 1 + max(data["model"]["vocab"].values()))
+        data["added_tokens"] += [{"id": first + i, "content": token, "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True}
+                                 for i, token in enumerate(added)]
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    stamp.write_text(wanted)
+
+
+def output_vocab(folder: Path) -> dict[str, int]:
+    """Token → id of the tokenizer a tool wrote (its tokenizer.json's vocabulary and added tokens)."""
+    from fusekit.vocab import read_vocab
+
+    return read_vocab(folder.name, folder).tokens
+
+
+def align_theirs_by_token(ours_dir: Path, theirs_dir: Path,
+                          theirs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """mergekit's embedding and LM-head rows reordered into fusekit's token ids (mergekit numbers
+    the union's new tokens in an order that depends on Python's set order); rows past the
+    vocabulary (padding) stay where they are."""
+    from fusekit.vocab import is_vocab_tensor
+
+    ours_vocab, theirs_vocab = output_vocab(ours_dir), output_vocab(theirs_dir)
+    if set(ours_vocab) != set(theirs_vocab):
+        return theirs  # different vocabularies: the comparison reports the shapes or values
+    order = [theirs_vocab[token] for token, _ in sorted(ours_vocab.items(), key=lambda item: item[1])]
+    result = dict(theirs)
+    for name, tensor in theirs.items():
+        if is_vocab_tensor(name) and tensor.shape[0] >= len(order):
+            index = torch.tensor(order + list(range(len(order), tensor.shape[0])))
+            result[name] = tensor.index_select(0, index)
+    return result
+
+
+def uses_tokenizer_surgery(recipe: Recipe) -> bool:
+    data = yaml.safe_load(recipe.path.read_text(encoding="utf-8"))
+    return bool(data.get("tokenizer_source") or data.get("tokenizer"))
+
+
 def largest_tensor(work: Path) -> int:
     """Element count of the largest input tensor (decides whether arcee_fusion samples)."""
     tensors = load_folder(work / MODELS_DIR / "f32" / "base")
@@ -628,6 +688,8 @@ def _run_and_compare(row: Row, settings: Settings, tools: Tools, recipe: Recipe,
     if error or ours_error:
         return
     ours, theirs = load_folder(ours_dir), load_folder(theirs_dir)
+    if uses_tokenizer_surgery(recipe):
+        theirs = align_theirs_by_token(ours_dir, theirs_dir, theirs)
     row.tensors = len(theirs)
     row.stochastic = is_stochastic(recipe.method, settings.largest_tensor)
     if row.stochastic:
@@ -721,6 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     venv = (args.venv or work / "venv-mergekit").absolute()
     python = ensure_venv(venv, reinstall=args.reinstall, torch_index_url=args.torch_index_url)
     ensure_models(work, rebuild=args.rebuild_models)
+    ensure_union_models(work)
     settings = Settings(work, python, args.shard_size, args.seed, args.rtol, args.flip_fraction,
                         args.kept_tol, args.norm_tol, args.keep, known, largest_tensor(work),
                         args.fresh_processes)

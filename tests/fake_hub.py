@@ -1,11 +1,12 @@
 """A small fake Hugging Face Hub on 127.0.0.1 that records what huggingface_hub uploads.
 
-It speaks the parts of the Hub HTTP API that ``HfApi.create_repo``, ``create_branch`` and
-``upload_folder`` use on the LFS path (tests set ``HF_HUB_DISABLE_XET=1``): repo creation, branch
-creation, README metadata validation, the preupload endpoint, the LFS batch endpoint, single-part LFS
-uploads and the NDJSON commit endpoint. Every request's method and path is logged; uploaded files
-are stored per repository and branch. ``fail`` makes chosen requests answer an HTTP error a number of
-times (transient 5xx, or a 401 for every call); requests without the expected bearer token get 401.
+It speaks the parts of the Hub HTTP API that ``HfApi.create_repo``, ``create_branch``,
+``get_paths_info`` and ``upload_folder`` use on the LFS path (tests set ``HF_HUB_DISABLE_XET=1``): repo
+creation, branch creation, README metadata validation, paths-info (size, git blob id, LFS sha256), the
+preupload endpoint, the LFS batch endpoint, single-part LFS uploads and the NDJSON commit endpoint.
+Every request's method and path is logged; uploaded files are stored per repository and branch.
+``fail`` makes chosen requests answer an HTTP error a number of times (transient 5xx, or a 401 for
+every call); requests without the expected bearer token get 401.
 ``hang`` makes chosen requests wait, unanswered, until the server stops; ``error_text`` is put in
 every error answer (to check that fusekit never repeats what a server says, e.g. a token).
 
@@ -22,6 +23,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ class HubState:
     repos: dict[str, dict[str, Any]] = field(default_factory=dict)  # repo id -> {"private", "branches"}
     files: dict[tuple[str, str], dict[str, bytes]] = field(default_factory=dict)  # (repo, branch) -> files
     lfs: dict[str, bytes] = field(default_factory=dict)  # sha256 -> content
+    lfs_paths: set[tuple[str, str, str]] = field(default_factory=set)  # (repo, branch, path) stored by LFS
     requests: list[tuple[str, str]] = field(default_factory=list)
     headers_seen: list[str] = field(default_factory=list)
     fail: dict[str, list[int]] = field(default_factory=dict)  # path substring -> statuses to answer
@@ -111,6 +114,13 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
                 with state.lock:
                     state.repos[repo_id]["branches"].add(branch)
                 self._send(200, {})
+            elif method == "POST" and parts[:2] == ["api", "models"] and parts[4:5] == ["paths-info"]:
+                repo_id = "/".join(parts[2:4])
+                branch = urllib.parse.unquote("/".join(parts[5:]))
+                asked = urllib.parse.parse_qs(body.decode()).get("paths", [])
+                held = state.files.get((repo_id, branch), {})
+                self._send(200, [_path_info(repo_id, branch, path, held[path], state)
+                                 for path in asked if path in held])
             elif method == "POST" and parts[:2] == ["api", "models"] and parts[4:5] == ["preupload"]:
                 files = json.loads(body)["files"]
                 self._send(200, {"files": [
@@ -141,6 +151,7 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
                         stored[value["path"]] = base64.b64decode(value["content"])
                     elif item["key"] == "lfsFile":
                         stored[value["path"]] = state.lfs[value["oid"]]
+                        state.lfs_paths.add((repo_id, branch, value["path"]))
                 with state.lock:
                     if repo_id not in state.repos or branch not in state.repos[repo_id]["branches"]:
                         self._send(404, {"error": f"{repo_id}@{branch} not found"})
@@ -163,6 +174,15 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
             self._handle("PUT")
 
     return Handler
+
+
+def _path_info(repo_id: str, branch: str, path: str, data: bytes, state: HubState) -> dict[str, Any]:
+    """One paths-info entry as the Hub answers it: size, git blob id, and LFS oid for LFS files."""
+    entry: dict[str, Any] = {"type": "file", "path": path, "size": len(data),
+                             "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+    if (repo_id, branch, path) in state.lfs_paths:
+        entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+    return entry
 
 
 @contextmanager

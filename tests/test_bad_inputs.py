@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -105,14 +106,40 @@ def cli(tree: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtu
     return in_process_cli(capsys)
 
 
+_COUNT = re.compile(r"^(?:fusekit: error: )?(\d+) problems in .+:$")
+
+
+def problem_lines(message: str) -> list[str]:
+    """The problems of an error message: its one line, or, when its first line counts several
+    ("N problems in FILE:"), the N lines after it (each indented; past 20, a last line counts the rest)."""
+    lines = message.strip("\n").splitlines()
+    if len(lines) == 1:
+        return lines
+    count = _COUNT.match(lines[0])
+    assert count is not None, f"a multi-line error must start by counting its problems:\n{message}"
+    listed = lines[1:]
+    assert all(line.startswith("  ") and line.strip() for line in listed), message
+    assert len(listed) == min(int(count[1]), 20) + (int(count[1]) > 20), message
+    return [line.strip() for line in listed]
+
+
+def test_problem_lines_can_fail() -> None:
+    assert problem_lines("r.yaml:1:1 x: bad\n") == ["r.yaml:1:1 x: bad"]
+    assert problem_lines("2 problems in r.yaml:\n  r.yaml:1:1 a\n  r.yaml:2:1 b") == ["r.yaml:1:1 a",
+                                                                                     "r.yaml:2:1 b"]
+    for bad in ("first\nsecond", "3 problems in r.yaml:\n  a\n  b", "2 problems in r.yaml:\n  a\nb"):
+        with pytest.raises(AssertionError):
+            problem_lines(bad)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line_and_leaves_nothing(case: str, tree: Path, cli: Any) -> None:
+    """One line, or a counted list of problems one per line (a recipe with several problems)."""
     recipe, culprit, args = CASES[case]
     code, out, err = cli("merge", recipe, "out", *args)
-    lines = err.strip().splitlines()
     assert code == 2, f"exit {code}: {err}"
-    assert len(lines) == 1, err
-    assert lines[0].startswith("fusekit: error: ") and culprit in lines[0], lines[0]
+    assert err.startswith("fusekit: error: ") and problem_lines(err), err
+    assert culprit in err, err
     assert "Traceback" not in err and "a pickle ran code" not in out + err
     assert "fusekit-was-exploited" not in out + err
     assert not (tree / "out").exists() and partial_folders(tree / "out") == []
@@ -185,6 +212,6 @@ def test_recipe_loader_gives_a_recipe_or_a_fusekit_error(text: str) -> None:
     try:
         recipe, _ = parse_merge_recipe(text, "fuzz.yaml")
     except FusekitError as exc:
-        assert "\n" not in str(exc)
+        assert all(line.startswith("fuzz.yaml") for line in problem_lines(str(exc))), str(exc)
     else:
         assert isinstance(recipe, MergeRecipe)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ import pytest
 
 from fusekit.cli import main
 
-COMMAND_MODULES = ("ensemble", "hub", "merge", "moe", "route", "score")
+COMMAND_MODULES = ("cache", "ensemble", "hub", "lora", "merge", "moe", "route", "schema", "score")
 
 # Each command that prints a report: its arguments (the library is faked, so nothing needs to exist)
 # and a (key, value) its JSON report must hold.
@@ -37,9 +38,13 @@ REPORTS: dict[str, tuple[list[str], str, Any]] = {
                         "queries", 7),
     "route run": (["route", "run", "router", "--prompt", "hi"], "model", "a"),
     "push": (["push", "out", "org/name"], "repo_id", "org/name"),
+    "lora extract": (["lora", "extract", "out", "--base", "b", "--model", "m", "-r", "2"],
+                     "total_relative_error", 0.5),
+    "cache info": (["cache", "info"], "folder", os.environ.get("FUSEKIT_CACHE")),  # set by conftest
 }
 # Commands that print no report; listed so that a new command cannot be forgotten.
-OTHER_COMMANDS: dict[str, list[str]] = {}
+OTHER_COMMANDS: dict[str, list[str]] = {"cache clear": ["cache", "clear"], "schema": ["schema", "merge"],
+                                        "validate": ["validate", "r.yaml"]}
 
 
 def _leaf_commands() -> dict[str, Any]:
@@ -93,7 +98,8 @@ def _fake_results() -> dict[str, Any]:
                              fitted=SimpleNamespace(kind="knn"), threshold=0.5, dear_indices=lambda: [1])
     answer = SimpleNamespace(prompt="hi", text=" there", new_tokens=1, finished=True, candidates=None)
     return {
-        "merge": SimpleNamespace(stats=stats, up_to_date=False, kept_shards=0, seed=None,
+        "merge": SimpleNamespace(stats=stats, up_to_date=False, kept_shards=0, seed=None, stages=[],
+                                 out_dir=Path("out"),
                                  plan=SimpleNamespace(recipe=SimpleNamespace(merge_method="linear"),
                                                       models=["a", "b"])),
         "moe": SimpleNamespace(stats=stats, seed=3, moe_plan=SimpleNamespace(
@@ -108,7 +114,11 @@ def _fake_results() -> dict[str, Any]:
                                                         threshold=0.5, probabilities={"a": 1.0}),
                                seconds_routing=0.001, answer=None),
         "push": SimpleNamespace(repo_id="org/name", revision="main", commit_url="https://hub/c/1", files=3,
-                                attempts=1),
+                                attempts=1, up_to_date=False),
+        "extract": SimpleNamespace(modules=[SimpleNamespace(module="q", shape=(4, 4), kind="lora", rank=2,
+                                                            relative_error=0.5)],
+                                   total_relative_error=0.5, out_dir="out", seconds=1.0,
+                                   as_dict=lambda: {"total_relative_error": 0.5}),
     }
 
 
@@ -142,6 +152,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, dict[str,
         "fusekit.route.calibration.recalibrate_router": _recorder(record, "recalibrate_router", r["router"]),
         "fusekit.route.run_router": _recorder(record, "run_router", r["run"]),
         "fusekit.io.hub.push_to_hub": _recorder(record, "push_to_hub", r["push"]),
+        "fusekit.lora.extract.extract_lora": _recorder(record, "extract_lora", r["extract"]),
     }
     for target, fake in fakes.items():
         monkeypatch.setattr(target, fake)
@@ -173,7 +184,7 @@ def test_device_is_one_option_with_one_help_text() -> None:
     devices = {path: _options(command)["--device"] for path, command in _leaf_commands().items()
                if "--device" in _options(command)}
     assert set(devices) == {"merge", "moe", "score", "ensemble generate", "ensemble score", "route build",
-                            "route eval", "route run"}
+                            "route eval", "route run", "lora extract"}
     helps = {param.help for param in devices.values()}
     assert len(helps) == 1 and "cpu, cuda, or auto" in helps.pop()
     assert {param.opts[0] for param in devices.values()} == {"--device"}
@@ -210,7 +221,7 @@ def test_json_and_format_json_print_the_same_report(path: str, calls: list[Any],
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "auto"])
 @pytest.mark.parametrize("path", ["merge", "moe", "score", "ensemble generate", "ensemble score",
-                                  "route build", "route eval", "route run"])
+                                  "route build", "route eval", "route run", "lora extract"])
 def test_device_reaches_the_library(path: str, device: str, calls: list[tuple[str, dict[str, Any]]],
                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 import fusekit
+import fusekit.ops
+import fusekit.recipe
 from fusekit.demo import build_demo_models
 from fusekit.recipe import load_merge_recipe
 
@@ -40,6 +42,11 @@ def test_there_are_example_recipes() -> None:
 
 
 def _validate_merge_recipe(recipe: Path) -> None:
+    from fusekit.recipe.stages import is_multistage, load_stages
+
+    if is_multistage(recipe):  # several stages: each is a merge recipe
+        assert all(s.recipe.merge_method in fusekit.ops.method_names() for s in load_stages(recipe).stages)
+        return
     parsed, _ = load_merge_recipe(recipe)
     assert parsed.merge_method in fusekit.ops.method_names()
 
@@ -63,6 +70,18 @@ def _validate_ensemble_recipe(recipe: Path) -> None:
 
     parsed, _ = load_ensemble_recipe(recipe)
     assert parsed.models
+
+
+def _validate_adapter_recipe(recipe: Path) -> None:
+    """configs/lora/: ``output: adapter`` merges, whose methods are PEFT's combination types, and
+    full-model merges over ``base+adapter`` references."""
+    from fusekit.lora.adapter_recipe import COMBINATIONS
+
+    parsed, _ = load_merge_recipe(recipe)
+    if parsed.output != "adapter":
+        _validate_merge_recipe(recipe)
+        return
+    assert parsed.merge_method in COMBINATIONS
 
 
 def _validate_ci(path: Path) -> None:
@@ -90,6 +109,7 @@ def _validate_ci(path: Path) -> None:
 VALIDATORS: dict[str, Callable[[Path], None]] = {
     "ci": _validate_ci,
     "ensemble": _validate_ensemble_recipe,
+    "lora": _validate_adapter_recipe,
     "moe": _validate_moe_recipe,
     "": _validate_merge_recipe,
     "parity": _validate_merge_recipe,

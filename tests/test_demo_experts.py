@@ -185,7 +185,7 @@ def test_script_without_transformers_says_so(tmp_path: Path, monkeypatch: pytest
                         lambda name, *a: None if name == "transformers" else real(name, *a))
     assert module.main([str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "fusekit[lm]" in err
+    assert len(err.strip().splitlines()) == 1 and "pip install 'transformers>=4.45'" in err
     assert not (tmp_path / "out").exists()
 
 

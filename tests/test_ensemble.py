@@ -542,7 +542,7 @@ def test_method_table_matches_the_recipe_schema() -> None:
 
     assert set(METHODS) == set(schema.METHODS)
     families = {"same": schema.SAME_VOCAB_METHODS, "cross": schema.CROSS_VOCAB_METHODS,
-                "answer": schema.ANSWER_METHODS}
+                "answer": schema.ANSWER_METHODS, "byte": schema.BYTE_METHODS}
     for name in schema.METHODS:
         spec = method_spec(name)
         assert spec.name == name and name in families[spec.family]

@@ -48,12 +48,15 @@ EXPERTS = ("python", "c", "prose", "prose-b")
 
 
 def recipe_kind(path: Path) -> str | None:
-    """merge, moe, ensemble or route for a recipe in configs/; None for a CI workflow."""
+    """merge, moe, ensemble or route for a recipe in configs/; None for a CI workflow or a
+    multi-stage file (its documents are merge recipes the mutations below do not address)."""
     folder = path.relative_to(CONFIGS).parts[0]
     if folder in ("ensemble", "route", "moe"):
         return folder
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return None if "jobs" in data else "merge"
+    documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    if len(documents) != 1:
+        return None
+    return None if "jobs" in documents[0] else "merge"
 
 
 SEEDS: dict[str, list[Path]] = {}

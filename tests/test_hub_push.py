@@ -114,3 +114,33 @@ def test_push_refuses_a_modified_output(merged: Path, tmp_path: Path) -> None:
         push_to_hub(copy, "my-org/merge")
     with pytest.raises(FusekitError, match="not a Hub repository id"):
         push_to_hub(merged, "../etc")
+
+
+def test_pushing_an_unchanged_output_makes_no_commit(merged: Path, tmp_path: Path,
+                                                     run_cli: Callable[..., object]) -> None:
+    """A second push of the same files compares sha256 (LFS files) and git blob ids (the others) with
+    the branch and commits nothing; a file that differs on the Hub is committed again."""
+    with fake_hub(TOKEN) as (url, hub):
+        first = run_cli("push", merged, "my-org/merge", env=_env(url, tmp_path), cwd=tmp_path)
+        assert first.returncode == 0 and hub.commits == 1, first.stderr  # type: ignore[attr-defined]
+        before = len(hub.requests)
+        again = run_cli("push", merged, "my-org/merge", env=_env(url, tmp_path), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr  # type: ignore[attr-defined]
+        assert again.stdout.startswith("up to date: no commit")  # type: ignore[attr-defined]
+        later = [path for _, path in hub.requests[before:]]
+        assert hub.commits == 1
+        assert not any("/commit/" in p or "/lfs/" in p or "preupload" in p for p in later)
+        assert any("/paths-info/" in p for p in later)
+        uploaded = hub.files[("my-org/merge", "main")]
+        for name, changed in (("README.md", b"edited on the Hub"), (sorted(
+                n for n in uploaded if n.endswith(".safetensors"))[0], b"\0" * 8)):
+            uploaded[name] = changed  # one regular file, then one LFS file, differs on the Hub
+            proc = run_cli("push", merged, "my-org/merge", "--json", env=_env(url, tmp_path), cwd=tmp_path)
+            assert proc.returncode == 0, proc.stderr  # type: ignore[attr-defined]
+            result = json.loads(proc.stdout)  # type: ignore[attr-defined]
+            assert result["up_to_date"] is False and result["commit_url"]
+            assert uploaded[name] == (merged / name).read_bytes()
+        assert hub.commits == 3
+        proc = run_cli("push", merged, "my-org/merge", "--json", env=_env(url, tmp_path), cwd=tmp_path)
+        result = json.loads(proc.stdout)  # type: ignore[attr-defined]
+        assert result["up_to_date"] is True and result["commit_url"] is None and hub.commits == 3

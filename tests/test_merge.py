@@ -542,7 +542,9 @@ def test_model_card_and_recipe_copy(tiny_models: dict[str, Path], tmp_path: Path
     assert front["library_name"] == "transformers"
     assert {"merge", "fusekit"} <= set(front["tags"])
     assert front["merge_method"] == "linear"
-    assert front["base_model"] == []  # local paths are not Hub ids
+    assert "base_model" not in front  # local paths are not Hub ids; fusekit.inputs names them
+    assert front["fusekit"]["inputs"] == [Path(os.path.relpath(m, tmp_path)).as_posix()
+                                          for m in (tiny_models["base"], tiny_models["math"])]
     assert "# my-merge" in card
     shown = recipe_text  # models named by absolute path appear relative to the recipe's folder
     for model in (tiny_models["base"], tiny_models["math"]):

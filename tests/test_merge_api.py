@@ -48,9 +48,14 @@ def test_merge_takes_a_parsed_recipe(tiny_models: dict[str, Path], tmp_path: Pat
 
 
 def test_a_parsed_recipe_passes_the_same_checks_as_a_file(tiny_models: dict[str, Path]) -> None:
-    """A recipe built in code is checked as a file would be: a method's unknown parameter is refused."""
-    recipe = MergeRecipe(merge_method="linear",
-                         models=[ModelEntry(model=str(tiny_models["math"]), parameters={"weight": 1.0,
-                                                                                      "density": 0.5})])
+    """A recipe built in code is checked as a file would be: a parameter no method takes is refused,
+    and one the method does not take is refused under ``strict`` (a warning otherwise)."""
+    def recipe(name: str) -> MergeRecipe:
+        return MergeRecipe(merge_method="linear", models=[
+            ModelEntry(model=str(tiny_models["math"]), parameters={"weight": 1.0, name: 0.5})])
+
+    with pytest.raises(RecipeError, match="densty"):
+        fusekit.plan_merge(recipe("densty"))
     with pytest.raises(RecipeError, match="density"):
-        fusekit.plan_merge(recipe)
+        fusekit.plan_merge(recipe("density"), strict=True)
+    assert fusekit.plan_merge(recipe("density")).tasks

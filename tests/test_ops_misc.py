@@ -583,7 +583,7 @@ def test_ram_end_to_end(tiny_models: dict[str, Path], tmp_path: Path, method: st
 
 def load_error(text: str) -> RecipeError:
     with pytest.raises(RecipeError) as info:
-        parse_merge_recipe(text, "r.yaml")
+        parse_merge_recipe(text, "r.yaml", strict=True)
     assert info.value.exit_code == 2
     return info.value
 
@@ -609,10 +609,11 @@ def test_methods_need_a_base_model(method: str) -> None:
 
 @pytest.mark.parametrize(("method", "parameters", "fragment"), [
     ("model_stock", "  filter_wise: sometimes\n", "filter_wise"),
-    ("ram", "  r: 0.1\n", "'r' is not a parameter of ram"),
+    ("ram", "  r: 0.1\n", "ram does not take 'r'"),  # another method's parameter: --strict refuses it
+    ("ram", "  rr: 0.1\n", "'rr' is not a parameter of ram"),
     ("ramplus_tl", "  epsilon: tiny\n", "epsilon"),
     ("nearswap", "  t: [0.1, nope]\n", "t"),
-    ("arcee_fusion", "  t: 0.1\n", "'t' is not a parameter of arcee_fusion"),
+    ("arcee_fusion", "  t: 0.1\n", "arcee_fusion does not take 't'"),
 ])
 def test_bad_parameters_fail_when_the_recipe_loads(method: str, parameters: str, fragment: str) -> None:
     others = ["a", "b"] if method in {"model_stock", "ram", "ramplus_tl"} else ["a"]

@@ -218,7 +218,7 @@ def test_only_task_arithmetic_may_be_split_into_row_blocks() -> None:
 
 def load_error(text: str) -> RecipeError:
     with pytest.raises(RecipeError) as info:
-        parse_merge_recipe(text, "r.yaml")
+        parse_merge_recipe(text, "r.yaml", strict=True)  # strict: settings with no effect are errors
     assert info.value.exit_code == 2
     return info.value
 
@@ -237,8 +237,8 @@ def recipe(method: str, models: list[str | Path], base: str | Path, model_parame
     ("breadcrumbs", "    parameters: {weight: 1, gamma: 2}\n", "", ["gamma: must be in [0, 1], got 2"]),
     ("della", "    parameters: {weight: 1, epsilon: -0.1}\n", "", ["epsilon: must be at least 0, got -0.1"]),
     ("sce", "", "  select_topk: 1.5\n", ["select_topk: must be in [0, 1], got 1.5"]),
-    ("ties", "    parameters: {weight: 1, gamma: 0.1}\n", "", ["'gamma' is not a parameter of ties"]),
-    ("sce", "", "  normalize: true\n", ["'normalize' is not a parameter of sce"]),
+    ("ties", "    parameters: {weight: 1, gamma: 0.1}\n", "", ["ties does not take 'gamma'"]),
+    ("sce", "", "  normalize: true\n", ["sce does not take 'normalize'"]),
     ("dare_linear", "    parameters: {weight: 1}\n", "  rescale: maybe\n", ["rescale"]),
 ])
 def test_bad_parameters_fail_when_the_recipe_loads(method: str, model_parameters: str, parameters: str,

@@ -68,7 +68,8 @@ def test_resume_after_interrupt_is_byte_identical(method: str, tiny_models: dict
     data[-1] ^= 1
     first.write_bytes(bytes(data))
     resumed = fusekit.merge(recipe, tmp_path / "b" / "out", out_shard_size=SHARD, resume=True)
-    assert resumed.seed == seed and resumed.kept_shards == len(journal[1]) - 1
+    assert resumed.seed == (None if method == "linear" else seed)  # a deterministic merge records none
+    assert resumed.kept_shards == len(journal[1]) - 1
     whole = fusekit.merge(recipe, tmp_path / "a" / "out", out_shard_size=SHARD, random_seed=seed)
     assert whole.kept_shards == 0
     assert files(tmp_path / "a" / "out") == files(tmp_path / "b" / "out")

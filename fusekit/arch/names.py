@@ -11,11 +11,17 @@ import re
 from typing import Literal
 
 Role = Literal["pre", "layer", "post"]
+# mergekit's module names for multi-module (vision-language) models.
+Module = Literal["text_decoder", "vision_tower", "multi_modal_projector"]
+MODULES: tuple[Module, ...] = ("text_decoder", "vision_tower", "multi_modal_projector")
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer|decoder\.layers))\."
                     r"(?P<index>\d+)\.(?P<rest>.+)$")
 _PRE_MARKERS = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings")
 _LM_HEADS = ("lm_head.weight", "embed_out.weight", "output.weight")
+_PROJECTOR_MARKERS = ("multi_modal_projector", "mm_projector", "visual.merger")
+_VISION_MARKERS = ("vision_tower", "vision_model", "visual", "image_encoder", "vision_encoder",
+                   "audio_tower", "audio_encoder")
 # Config keys that hold the number of blocks, by model family.
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -86,6 +92,8 @@ def role(name: str) -> Role:
     """
     if layer_index(name) is not None:
         return "layer"
+    if is_lm_head(name):
+        return "post"
     return "pre" if any(marker in name for marker in _PRE_MARKERS) else "post"
 
 
@@ -111,4 +119,27 @@ def is_embedding(name: str) -> bool:
     Returns:
         True for the input embedding (``model.embed_tokens.weight`` and its equivalents).
     """
-    return role(name) == "pre" and name.endswith("weight") and "position" not in name and "wpe" not in name
+    return (role(name) == "pre" and name.endswith("weight") and "position" not in name and "wpe" not in name
+            and module_of(name) == "text_decoder")
+
+
+def module_of(name: str) -> Module:
+    """The module of a multi-module model a tensor belongs to, in mergekit's names.
+
+    Args:
+        name: a tensor name.
+
+    Returns:
+        ``"multi_modal_projector"`` for the projector between the towers, ``"vision_tower"`` for
+        the vision (or audio) encoder, and ``"text_decoder"`` for the rest: the language model,
+        which is all of a plain decoder.
+
+    Example:
+        >>> module_of("model.visual.blocks.0.attn.qkv.weight")
+        'vision_tower'
+    """
+    if any(marker in name for marker in _PROJECTOR_MARKERS):
+        return "multi_modal_projector"
+    if any(marker in name for marker in _VISION_MARKERS):
+        return "vision_tower"
+    return "text_decoder"

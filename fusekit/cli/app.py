@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
 
+from fusekit.cli.helptext import MAX_WIDTH, FusekitGroup, FusekitTyper
 from fusekit.errors import FusekitError
 from fusekit.version import __version__
 
@@ -52,7 +52,7 @@ def _given_value(flags: Sequence[str], argv: Sequence[str]) -> str | None:
     return found
 
 
-class _OneLineErrors(TyperGroup):
+class _OneLineErrors(FusekitGroup):
     """The root command group: its usage errors become one-line FusekitErrors."""
 
     def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
@@ -65,9 +65,9 @@ class _OneLineErrors(TyperGroup):
             raise FusekitError(line) from None
 
 
-app = typer.Typer(
-    name="fusekit", cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
-    pretty_exceptions_enable=False,
+app = FusekitTyper(
+    name="fusekit", cls=_OneLineErrors, no_args_is_help=True, add_completion=True,
+    pretty_exceptions_enable=False, context_settings={"max_content_width": MAX_WIDTH},
     help="Merge, ensemble and route large language models from one recipe format.",
 )
 
@@ -78,8 +78,8 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback(epilog="Example: fusekit merge configs/linear.yaml ./merged; fusekit <command> --help "
-                     "for each command's options.")
+@app.callback(epilog="Example: fusekit merge configs/linear.yaml ./merged\n\n"
+                     "Each command's options and an example: fusekit COMMAND --help")
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,

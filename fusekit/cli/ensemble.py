@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from fusekit.cli.app import app
+from fusekit.cli.helptext import FusekitTyper
 from fusekit.cli.options import (
     BatchSizeOpt,
     ContextOpt,
@@ -19,20 +20,23 @@ from fusekit.cli.options import (
     FormatOpt,
     JsonOpt,
     OutOpt,
+    PlotOpt,
     PromptsOpt,
+    QuietOpt,
     RecipeArg,
     RecipeMaxNewTokensOpt,
     SeedOpt,
     TextOpt,
     ThreadsOpt,
+    show_progress,
     wants_json,
 )
 from fusekit.errors import FusekitError
 
-ensemble_app = typer.Typer(name="ensemble", no_args_is_help=True, add_completion=False,
-                           help="Combine models token by token, cascade them, or let them vote.",
-                           epilog="Example: fusekit ensemble check configs/ensemble/union.yaml; then "
-                                  "fusekit ensemble score RECIPE --text FILE --json")
+ensemble_app = FusekitTyper(name="ensemble", no_args_is_help=True, add_completion=False,
+                            help="Combine models token by token, cascade them, or let them vote.",
+                            epilog="Example: fusekit ensemble check configs/ensemble/union.yaml\n"
+                                   "fusekit ensemble score configs/ensemble/union.yaml --text FILE --json")
 app.add_typer(ensemble_app, name="ensemble")
 
 PromptFileOpt = Annotated[Path | None, typer.Option("--prompts", help="JSON lines file, one "
@@ -61,6 +65,7 @@ def generate(
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = Device.cpu,
     threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
     output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
 ) -> None:
@@ -71,6 +76,7 @@ def generate(
     from fusekit.ensemble.io import read_prompts, write_answers
     from fusekit.io.outputs import check_out_file
 
+    show_progress(quiet)
     if out is not None:  # refused before any model loads, not after decoding
         check_out_file(out, inputs=[("the prompts file", prompts)] if prompts else [])
     texts = list(prompt or [])
@@ -91,7 +97,7 @@ def generate(
     else:
         for answer in result.answers:
             typer.echo(answer.prompt + answer.text)
-    if not to_json or out is not None:
+    if (not to_json or out is not None) and not quiet:
         typer.echo("fusekit: " + ", ".join(f"{k} {v}" for k, v in summary.items()), err=True)
 
 
@@ -109,20 +115,33 @@ def score(
     context: ContextOpt = None,
     device: DeviceOpt = Device.cpu,
     threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
     output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
+    plot: PlotOpt = None,
 ) -> None:
-    """Bits per byte and perplexity of a text under the ensemble and under each member alone."""
+    """Bits per byte and perplexity of a text under the ensemble and under each member alone.
+
+    --plot bars.png draws them as a bar chart."""
     from fusekit.ensemble.engine import load_ensemble
     from fusekit.ensemble.scoring import score_ensemble
     from fusekit.lm.score import read_text_file
 
+    show_progress(quiet)
+    if plot is not None:  # refused before the models run, not after
+        from fusekit.plots import check_plot_path
+
+        check_plot_path(plot)
     content = read_text_file(text)
     _set_threads(threads)
     ens = load_ensemble(recipe, device=device.value)
     result = score_ensemble(ens, content, context=context)
     rows = [{"name": f"ensemble ({ens.method})", **_score(result.ensemble)}]
     rows += [{"name": m.ref, **_score(s)} for m, s in zip(ens.members, result.members, strict=True)]
+    if plot is not None:
+        from fusekit.plots import plot_ensemble_bars
+
+        typer.echo(f"wrote the bar chart to {plot_ensemble_bars(rows, plot)}", err=True)
     if wants_json(output_format, as_json):
         typer.echo(json.dumps({"text": str(text), "bytes": result.ensemble.n_bytes, "rows": rows,
                                "details": result.details}, indent=2))
@@ -132,7 +151,7 @@ def score(
     for r in rows:
         typer.echo(f"{r['name']:{width}}  {r['bits_per_byte']:9.4f}  {r['perplexity']:10.3f}  "
                    f"{r['tokens']:6d}")
-    if result.details:
+    if result.details and not quiet:
         typer.echo("fusekit: " + ", ".join(f"{k} {v}" for k, v in result.details.items()), err=True)
 
 
@@ -142,11 +161,13 @@ def _score(s: Any) -> dict[str, Any]:
 
 
 @ensemble_app.command(epilog="Example: fusekit ensemble check configs/ensemble/union.yaml")
-def check(recipe: RecipeArg, output_format: FormatOpt = Format.text, as_json: JsonOpt = False) -> None:
+def check(recipe: RecipeArg, output_format: FormatOpt = Format.text, as_json: JsonOpt = False,
+          quiet: QuietOpt = False) -> None:
     """Compatibility report before spending: vocabulary overlap, tokenizer families, special tokens,
     alignment-table memory and cost per token (reads no weights)."""
     from fusekit.ensemble.check import check_ensemble, format_report
 
+    show_progress(quiet)
     report = check_ensemble(recipe)
     typer.echo(json.dumps(report, indent=2) if wants_json(output_format, as_json) else format_report(report))
     if report["problems"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,7 +15,9 @@ from fusekit.cli.options import (
     FormatOpt,
     JsonOpt,
     PrivateOpt,
+    QuietOpt,
     RevisionOpt,
+    show_progress,
     wants_json,
 )
 
@@ -29,6 +31,7 @@ def push(
     private: PrivateOpt = False,
     revision: RevisionOpt = None,
     commit_message: CommitMessageOpt = None,
+    quiet: QuietOpt = False,
     output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
 ) -> None:
@@ -40,12 +43,24 @@ def push(
     """
     from fusekit.io.hub import push_to_hub
 
+    show_progress(quiet)
     result = push_to_hub(out_dir, repo_id, private=private, revision=revision,
                          commit_message=commit_message)
     if wants_json(output_format, as_json):
         typer.echo(json.dumps({"repo_id": result.repo_id, "revision": result.revision,
                                "commit_url": result.commit_url, "files": result.files,
-                               "attempts": result.attempts}, indent=2))
+                               "attempts": result.attempts, "up_to_date": result.up_to_date}, indent=2))
     else:
-        typer.echo(f"pushed {result.files} files to {result.repo_id}@{result.revision}: "
-                   f"{result.commit_url}")
+        typer.echo(push_line(result))
+
+
+def push_line(result: Any) -> str:
+    """What a push did, in one line: the commit, or that the Hub already held every file.
+
+    Args:
+        result: the :class:`~fusekit.io.hub.PushResult`.
+    """
+    where = f"{result.repo_id}@{result.revision}"
+    if result.up_to_date:
+        return f"up to date: no commit ({where} already holds these {result.files} files)"
+    return f"pushed {result.files} files to {where}: {result.commit_url}"

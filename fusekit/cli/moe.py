@@ -1,4 +1,4 @@
-"""``fusekit moe``: upcycle dense models into a Mixtral / Qwen2-MoE checkpoint."""
+"""``fusekit moe``: upcycle dense models into a Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-MoE checkpoint."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from fusekit.sizes import parse_size
 
 IdenticalExpertsOpt = Annotated[bool, typer.Option(
     "--allow-identical-experts", "--i-understand-this-is-not-useful-without-training",
-    help="Allow every expert to be the same model (only useful if you train afterwards).")]
+    help="Allow every expert to be the same model, with a warning (only useful if you train "
+         "afterwards; mergekit-moe's flag name is accepted too).")]
 
 
 @app.command(epilog="Example: fusekit moe configs/moe/mixtral-hidden.yaml ./moe --device auto")

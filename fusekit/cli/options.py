@@ -16,8 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -58,7 +56,10 @@ def wants_json(output_format: Format, as_json: bool) -> bool:
 
 
 def show_progress(quiet: bool) -> bool:
-    """Whether to draw a progress bar: not with ``--quiet``, not when stderr is no terminal, not in CI.
+    """Apply ``--quiet`` to every progress bar of the process (:func:`fusekit.progress.set_quiet`) and
+    say whether bars are drawn: not with ``--quiet``, not when stderr is no terminal, not in CI.
+
+    Every command that takes ``--quiet`` calls this first.
 
     Args:
         quiet: Whether ``--quiet`` was given.
@@ -66,7 +67,10 @@ def show_progress(quiet: bool) -> bool:
     Returns:
         True when a progress bar should be drawn on stderr.
     """
-    return not quiet and sys.stderr.isatty() and not os.environ.get("CI")
+    from fusekit import progress
+
+    progress.set_quiet(quiet)
+    return progress.enabled()
 
 
 # -- arguments --------------------------------------------------------------------------------------
@@ -80,12 +84,18 @@ OutDirArg = Annotated[Path, typer.Argument(help="Output folder; written atomical
 FormatOpt = Annotated[Format, typer.Option("--format", help="Print the report as text, or as json "
                                            "(machine-readable, on stdout).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (they are also off when "
+                                        "stderr is not a terminal or CI is set) and no summary line.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Score every example afresh: neither read "
+                                          "nor save per-example scores in the fusekit cache folder.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing, non-empty "
                                             "output folder.")]
 _OUT = typer.Option("--out", help="Write the result to this path, atomically, instead of where the "
                     "command's description says it goes.", show_default=False)
 OutOpt = Annotated[Path | None, _OUT]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Also draw the report as a picture "
+                                              "(.png, .svg or .pdf; needs the 'plot' extra).",
+                                              show_default=False)]
 
 # -- where and how the work runs ---------------------------------------------------------------------
 
@@ -100,16 +110,20 @@ SeedOpt = Annotated[int | None, typer.Option(
     "--seed", "--random-seed", help="Seed for everything random (sampling, random gates, stochastic "
     "merge methods); default: the recipe's, else one is picked and recorded.", show_default=False)]
 ShardSizeOpt = Annotated[str, typer.Option("--out-shard-size", help="Largest output shard: 500MB, "
-                                           "2GB, 1GiB; 5B means 5 billion bytes as in mergekit.")]
+                                           "2GB, 1GiB; 5B means 5 billion bytes as in mergekit.",
+                                           metavar="SIZE")]
 MaxMemoryOpt = Annotated[str, typer.Option("--max-memory", help="Bound on resident memory, e.g. "
-                                           "1GB, 512MB; large tensors are merged in row blocks.")]
+                                           "1GB, 512MB; large tensors are merged in row blocks.",
+                                           metavar="SIZE")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.pt checkpoints "
                                          "(loaded weights-only). Only for files you trust.")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Refuse recipe settings that have no effect "
+                                         "(mergekit ignores them; by default they are warnings).")]
 
 # -- text, prompts and generation ----------------------------------------------------------------------
 
 _TEXT = typer.Option("--text", help="UTF-8 text file to score; repeat it where the command takes "
-                     "several.", show_default=False)
+                     "several.", show_default=False, metavar="FILE")
 TextOpt = Annotated[Path, _TEXT]
 TextsOpt = Annotated[list[Path], _TEXT]
 ContextOpt = Annotated[int | None, typer.Option(
@@ -127,7 +141,8 @@ RecipeMaxNewTokensOpt = Annotated[int | None, _MAX_NEW_TOKENS]
 # -- routing ---------------------------------------------------------------------------------------
 
 _DATA = typer.Option("--data", help="JSONL file, one query per line: {\"text\": ...}, or {\"prompt\": "
-                     "...} with a \"completion\" where route eval scores it.", show_default=False)
+                     "...} with a \"completion\" where route eval scores it.", show_default=False,
+                     metavar="FILE")
 DataOpt = Annotated[Path, _DATA]
 OptionalDataOpt = Annotated[Path | None, _DATA]
 _THRESHOLD = typer.Option("--threshold", help="Router threshold from 0 (dearest model) to 1 (cheapest); "
@@ -145,6 +160,7 @@ SharesOpt = Annotated[list[float] | None, _SHARE]
 PrivateOpt = Annotated[bool, typer.Option("--private", help="Create the Hub repository as private "
                                           "(an existing one keeps its visibility).")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch to push to (created "
-                                                 "when missing); default main.", show_default=False)]
+                                                 "when missing); default main.", show_default=False,
+                                                 metavar="BRANCH")]
 CommitMessageOpt = Annotated[str | None, typer.Option("--commit-message", help="Commit message for the "
                                                       "upload.", show_default=False)]

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from fusekit.cli.app import app
+from fusekit.cli.helptext import FusekitTyper
 from fusekit.cli.options import (
     BatchSizeOpt,
     DataOpt,
@@ -18,23 +19,27 @@ from fusekit.cli.options import (
     FormatOpt,
     JsonOpt,
     MaxNewTokensOpt,
+    NoCacheOpt,
     OptionalDataOpt,
     OutOpt,
     OverwriteOpt,
+    PlotOpt,
     PromptOpt,
+    QuietOpt,
     ShareOpt,
     SharesOpt,
     ThresholdOpt,
     ThresholdsOpt,
+    show_progress,
     wants_json,
 )
 from fusekit.errors import FusekitError
 
-route_app = typer.Typer(name="route", no_args_is_help=True, add_completion=False,
-                        pretty_exceptions_enable=False,
-                        help="Route each query to the model that should answer it.",
-                        epilog="Example: fusekit route build configs/route/tfidf-knn.yaml ./router; then "
-                               "fusekit route run ./router --prompt 'def main():' --json")
+route_app = FusekitTyper(name="route", no_args_is_help=True, add_completion=False,
+                         pretty_exceptions_enable=False,
+                         help="Route each query to the model that should answer it.",
+                         epilog="Example: fusekit route build configs/route/tfidf-knn.yaml ./router\n"
+                                "fusekit route run ./router --prompt 'def main():' --json")
 app.add_typer(route_app, name="route")
 
 RouterArg = Annotated[Path, typer.Argument(help="Router folder written by fusekit route build.",
@@ -53,15 +58,23 @@ def build(
                                             show_default=False)],
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = Device.cpu,
+    no_cache: NoCacheOpt = False,
+    quiet: QuietOpt = False,
     output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
 ) -> None:
-    """Label the recipe's data, fit features and router, calibrate the threshold, save OUT_DIR."""
+    """Label the recipe's data, fit features and router, calibrate the threshold, save OUT_DIR.
+
+    Per-example scores are cached (keyed by each model's content, the text and the scoring
+    settings), so building again on the same data skips the scoring; --no-cache scores afresh."""
     from fusekit.route import build_router
 
-    result = build_router(recipe, out_dir, overwrite=overwrite, device=device.value)
+    show_progress(quiet)
+    result = build_router(recipe, out_dir, overwrite=overwrite, device=device.value, use_cache=not no_cache)
     if wants_json(output_format, as_json):
         typer.echo(json.dumps(_build_summary(out_dir, result), indent=2))
+        return
+    if quiet:
         return
     router = result.router
     training = router.info.get("training", {})
@@ -84,7 +97,7 @@ def _build_summary(out_dir: Path, result: Any) -> dict[str, Any]:
 
 
 @route_app.command("eval", epilog="Example: fusekit route eval ./router --data "
-                                  "demo-out/experts/data/test.jsonl")
+                                  "demo-out/experts/data/test.jsonl --plot curve.png")
 def evaluate(
     router_dir: RouterArg,
     data: DataOpt,
@@ -95,21 +108,35 @@ def evaluate(
                                         "architecture.")] = True,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = Device.cpu,
+    no_cache: NoCacheOpt = False,
+    quiet: QuietOpt = False,
     output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
+    plot: PlotOpt = None,
 ) -> None:
     """Routed bits per byte against every single model, the oracle and a uniform merge; the
-    cost-quality table across thresholds; calibration on this data."""
+    cost-quality table across thresholds; calibration on this data.
+
+    --plot curve.png draws the cost-quality curve with each model and the oracle as points."""
     from fusekit.route import evaluate_router
 
+    show_progress(quiet)
     for value in [*(threshold or []), *(share or [])]:
         _require_fraction("--threshold/--share", value)
+    if plot is not None:  # refused before the models run, not after
+        from fusekit.plots import check_plot_path
+
+        check_plot_path(plot)
     report = evaluate_router(router_dir, data, device=device.value, thresholds=threshold, shares=share,
-                             with_merge=merge, batch_size=batch_size)
+                             with_merge=merge, batch_size=batch_size, use_cache=not no_cache)
     if wants_json(output_format, as_json):
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         typer.echo(report.format_text())
+    if plot is not None:
+        from fusekit.plots import plot_route_curve
+
+        typer.echo(f"wrote the cost-quality curve to {plot_route_curve(report, plot)}", err=True)
 
 
 @route_app.command("calibrate", epilog="Example: fusekit route calibrate ./router --data "
@@ -120,6 +147,7 @@ def calibrate(
     share: ShareOpt,
     out_dir: OutOpt = None,
     overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
     output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
 ) -> None:
@@ -128,6 +156,7 @@ def calibrate(
     No model runs and no labels are needed; the calibrated router replaces ROUTER, or goes to --out."""
     from fusekit.route.calibration import recalibrate_router
 
+    show_progress(quiet)
     _require_fraction("--share", share)
     router = recalibrate_router(router_dir, data, share, out_dir, overwrite=overwrite)
     calibration = router.info["calibration"]
@@ -150,6 +179,7 @@ def run(
     max_new_tokens: MaxNewTokensOpt = 64,
     threshold: ThresholdOpt = None,
     device: DeviceOpt = Device.cpu,
+    quiet: QuietOpt = False,
     output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
 ) -> None:
@@ -159,6 +189,7 @@ def run(
     from fusekit.route import run_router
     from fusekit.route.run import route_file
 
+    show_progress(quiet)
     if threshold is not None:
         _require_fraction("--threshold", threshold)
     if generate and max_new_tokens < 1:

@@ -17,12 +17,18 @@ from fusekit.cli.options import (
     FormatOpt,
     JsonOpt,
     PickleOpt,
+    QuietOpt,
     TextsOpt,
+    show_progress,
     wants_json,
 )
 
 StrideOpt = Annotated[int | None, typer.Option("--stride", help="How far each further window moves "
                                                "(default: half the window).", show_default=False)]
+BytesOpt = Annotated[bool, typer.Option("--bytes", help="Score each model as a model over bytes: the next "
+                                        "byte's probability summed over the tokenizations covering it.")]
+BeamOpt = Annotated[int, typer.Option("--beam", min=1, max=64, help="With --bytes: tokenizations kept per "
+                                      "byte offset (more: closer to exact, slower).")]
 
 
 @app.command(epilog="Example: fusekit score demo-out/experts/python demo-out/experts/c "
@@ -38,18 +44,33 @@ def score(
     output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
     allow_pickle: PickleOpt = False,
+    quiet: QuietOpt = False,
+    as_bytes: BytesOpt = False,
+    beam: BeamOpt = 2,
 ) -> None:
     """Bits per byte (comparable across tokenizers) and per-token perplexity of each MODEL on each
-    --text file; measures merged outputs the way ensembles and routers are measured."""
+    --text file; measures merged outputs the way ensembles and routers are measured.
+
+    --bytes reads each model as a model over bytes (perplexity is then per byte)."""
     from fusekit.lm.load import load_lm
     from fusekit.lm.score import read_text_file, score_text
+    from fusekit.progress import label
 
+    show_progress(quiet)
+    from fusekit.errors import FusekitError
+
+    if as_bytes and (context is not None or stride is not None):
+        raise FusekitError("--context and --stride window token-level scores; leave them out with --bytes")
     texts = {path: read_text_file(path) for path in text}
     rows: list[dict[str, Any]] = []
     for ref in models:
         lm = load_lm(ref, device=device.value, allow_pickle=allow_pickle)
         for path, content in texts.items():
-            result = score_text(lm, content, context=context, stride=stride, batch_size=batch_size)
+            if as_bytes:
+                rows.append(_byte_row(lm, ref, str(path), content, beam))
+                continue
+            result = score_text(lm, content, context=context, stride=stride, batch_size=batch_size,
+                                desc=f"scoring {label(path)} with {label(ref)}")
             rows.append({"model": ref, "text": str(path), "n_bytes": result.n_bytes,
                          "n_tokens": result.n_tokens, "nll_nats": result.nll_nats,
                          "bits_per_byte": result.bits_per_byte, "perplexity": result.perplexity})
@@ -58,6 +79,17 @@ def score(
         typer.echo(json.dumps(rows, indent=2))
         return
     _print_table(rows)
+
+
+def _byte_row(lm: Any, ref: str, path: str, content: str, beam: int) -> dict[str, Any]:
+    """One ``--bytes`` row: the model's byte-level score, its beam and the mass the beam dropped."""
+    from fusekit.ensemble.bytes import score_bytes
+
+    result = score_bytes(lm, content, beam=beam)
+    s = result.score
+    return {"model": ref, "text": path, "n_bytes": s.n_bytes, "n_tokens": s.n_tokens, "nll_nats": s.nll_nats,
+            "bits_per_byte": s.bits_per_byte, "perplexity": s.perplexity, "level": "bytes", "beam": beam,
+            "pruned_nats": result.pruned_nats}
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:

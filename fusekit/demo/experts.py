@@ -46,6 +46,7 @@ from fusekit.demo.tokenizer import save_bpe_tokenizer, token_stream, train_bpe_t
 from fusekit.demo.training import TrainingJob, domain_mixture, run_jobs
 from fusekit.errors import FusekitError
 from fusekit.io.writer import atomic_output
+from fusekit.progress import bar, steps
 
 EXPERTS_JSON = "experts.json"
 
@@ -185,9 +186,13 @@ def _train_all(temp: Path, corpora: dict[str, Corpus], sizes: BuildSizes, seed: 
         f"({sizes.steps} more steps each; prose-b {sizes.base_steps + sizes.steps} from scratch), "
         f"{workers} at a time")
     losses: dict[str, float] = {}
-    for name, (loss, seconds) in run_jobs(jobs, workers):
-        losses[name] = loss
-        say(f"{name}: final loss {loss:.3f} nats/token, {seconds:.0f} s")
+    job_steps = {job.name: job.steps for job in jobs}
+    with steps(f"training base + {len(_PLAN)} experts", total=sum(job_steps.values()),
+               unit="step") as advance:
+        for name, (loss, seconds) in run_jobs(jobs, workers):
+            advance(job_steps[name])
+            losses[name] = loss
+            say(f"{name}: final loss {loss:.3f} nats/token, {seconds:.0f} s")
     for name, tok in [("base", "A"), *((name, tok) for name, _, tok in _PLAN)]:
         save_bpe_tokenizer(tokenizers[tok], temp / name, model_max_length=sizes.context)
     return losses
@@ -234,7 +239,8 @@ def evaluate_experts(experts: ExpertSet, *, device: str = "cpu") -> dict[str, di
 
     texts = {name: read_text_file(path) for name, path in experts.heldout.items()}
     table: dict[str, dict[str, float]] = {}
-    for name, expert in experts.experts.items():
+    for name, expert in bar(experts.experts.items(), desc=f"scoring {len(texts)} held-out texts",
+                            total=len(experts.experts), unit="expert"):
         lm = load_lm(expert.path, device=device)
         table[name] = {t: score_text(lm, text).bits_per_byte for t, text in texts.items()}
     return table

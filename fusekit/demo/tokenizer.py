@@ -140,8 +140,9 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> Any:
     try:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     except ImportError:
-        raise FusekitError("the demo experts need the tokenizers library; install fusekit with the "
-                           "'lm' extra: pip install 'fusekit[lm]'") from None
+        from fusekit.extras import install_hint
+
+        raise FusekitError(f"the demo experts need the tokenizers library; {install_hint('lm')}") from None
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -7,7 +7,7 @@ import hashlib
 import math
 import multiprocessing
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,28 +55,32 @@ class TrainingJob:
     after: str | None = None
 
 
-def run_jobs(jobs: Sequence[TrainingJob], workers: int) -> Iterator[tuple[str, tuple[float, float]]]:
-    """Run :func:`train_model` on each job, in this process or in ``workers`` spawned ones."""
+def run_jobs(jobs: Sequence[TrainingJob], workers: int,
+             train: Callable[[TrainingJob], tuple[float, float]] | None = None,
+             ) -> Iterator[tuple[str, tuple[float, float]]]:
+    """Run ``train`` (default :func:`train_model`; a module-level function, so spawned processes can
+    run it) on each job, in this process or in ``workers`` spawned ones."""
+    train = train or train_model
     if workers <= 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny matrices: one thread beats two, and is deterministic
         try:
             for job in sorted(jobs, key=lambda j: j.after is not None):
-                yield job.name, train_model(job)
+                yield job.name, train(job)
         finally:
             torch.set_num_threads(threads)
         return
     context = multiprocessing.get_context("spawn")
     waiting = [j for j in jobs if j.after is not None]
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        running = {pool.submit(train_model, j): j.name for j in jobs if j.after is None}
+        running = {pool.submit(train, j): j.name for j in jobs if j.after is None}
         while running:
             future = next(as_completed(running))
             name = running.pop(future)
             yield name, future.result()
             for job in [j for j in waiting if j.after == name]:
                 waiting.remove(job)
-                running[pool.submit(train_model, job)] = job.name
+                running[pool.submit(train, job)] = job.name
 
 
 def train_model(job: TrainingJob) -> tuple[float, float]:
@@ -90,17 +94,32 @@ def train_model(job: TrainingJob) -> tuple[float, float]:
     started = time.perf_counter()
     torch.set_num_threads(1)
     transformers = import_transformers()
-    sizes = job.sizes
     if job.init is None:
         torch.manual_seed(derive_seed(job.seed, job.name, "init"))
-        model = transformers.LlamaForCausalLM(_llama_config(sizes, job.vocab_size))
+        model = transformers.LlamaForCausalLM(_llama_config(job.sizes, job.vocab_size))
     else:
         model = transformers.LlamaForCausalLM.from_pretrained(job.init, dtype=torch.float32)
+    losses = fit(model, job, model.parameters())
+    job.folder.mkdir(exist_ok=True)
+    model.save_pretrained(job.folder)
+    return tail_loss(losses), time.perf_counter() - started
+
+
+def fit(model: Any, job: TrainingJob, parameters: Iterable[torch.nn.Parameter]) -> list[float]:
+    """Train ``parameters`` of ``model`` for ``job.steps`` AdamW steps (linear warm-up, cosine decay
+    to 10% of ``job.sizes.lr``) on crops drawn from the domains by ``job.mixture``, each crop
+    ``<s>`` + ``seq - 1`` tokens; the crops depend only on ``job.seed`` and ``job.name``.
+
+    Returns:
+        The loss of every step; ``model`` is left in eval mode.
+    """
+    sizes = job.sizes
     model.train()
     gen = torch.Generator().manual_seed(derive_seed(job.seed, job.name, "data"))
     domains = list(job.mixture)
     weights = torch.tensor([job.mixture[d] for d in domains])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=sizes.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    trained = list(parameters)
+    optimizer = torch.optim.AdamW(trained, lr=sizes.lr, betas=(0.9, 0.95), weight_decay=0.01)
     warmup = max(1, job.steps // 15)
 
     def lr_at(step: int) -> float:
@@ -122,15 +141,18 @@ def train_model(job: TrainingJob) -> tuple[float, float]:
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
     model.eval()
-    job.folder.mkdir(exist_ok=True)
-    model.save_pretrained(job.folder)
+    return losses
+
+
+def tail_loss(losses: Sequence[float]) -> float:
+    """The mean loss of the last tenth of the steps."""
     tail = losses[-max(1, len(losses) // 10):]
-    return sum(tail) / len(tail), time.perf_counter() - started
+    return sum(tail) / len(tail)
 
 
 def domain_mixture(domain: str | None) -> dict[str, float]:

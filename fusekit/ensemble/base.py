@@ -22,9 +22,9 @@ if TYPE_CHECKING:
     from fusekit.ensemble.cascade import CascadeStats
     from fusekit.ensemble.members import Member
 
-Family = Literal["same", "cross", "answer"]
+Family = Literal["same", "cross", "answer", "byte"]
 """``same``: one vocabulary, token by token; ``cross``: different vocabularies, token by token;
-``answer``: whole answers."""
+``answer``: whole answers; ``byte``: any vocabularies, byte by byte."""
 
 
 class Counters(Protocol):

@@ -11,10 +11,10 @@ from fusekit.ensemble.align.relative import relative_table_bytes, shared_anchors
 from fusekit.ensemble.members import TokenVocab, token_vocab
 from fusekit.ensemble.methods import method_spec
 from fusekit.ensemble.recipe import EnsembleRecipe, load_ensemble_recipe
-from fusekit.io.reader import CheckpointReader
-from fusekit.io.refs import require_config, resolve_model
+from fusekit.io.reader import open_reader
+from fusekit.io.refs import ResolvedModel, require_config, resolve_model
 from fusekit.io.tokenizer import read_json_object
-from fusekit.lm.load import load_tokenizer
+from fusekit.lm.load import load_tokenizer, tokenizer_folder
 
 
 def check_ensemble(path: Path | str) -> dict[str, Any]:
@@ -69,14 +69,23 @@ def check_ensemble(path: Path | str) -> dict[str, Any]:
 def _member(ref: str) -> tuple[dict[str, Any], TokenVocab]:
     """One member's entry of the report (parameters, vocabulary, tokenizer) and its byte view."""
     resolved = resolve_model(ref)
-    tokenizer = load_tokenizer(ref, resolved.folder)
+    tokenizer = load_tokenizer(ref, tokenizer_folder(resolved))
     config = read_json_object(require_config(resolved, "the ensemble loads the member with it"))
-    with CheckpointReader(resolved) as reader:
+    with open_reader(resolved) as reader:
         params = sum(math.prod(reader.info(name).shape) for name in reader.names())
     width = int(config.get("vocab_size") or len(tokenizer))
     vocab = token_vocab(tokenizer, width)
     return ({"parameters": params, "vocab_size": width, "tokenizer": vocab.family,
-             "special_tokens": vocab.special, "context": config.get("max_position_embeddings")}, vocab)
+             "special_tokens": vocab.special, "context": config.get("max_position_embeddings"),
+             "adapter": _adapter_entry(resolved)}, vocab)
+
+
+def _adapter_entry(resolved: ResolvedModel) -> dict[str, Any] | None:
+    """The LoRA adapter a member applies to its base (merged in when loaded), or None."""
+    if resolved.adapter is None:
+        return None
+    return {"adapter": resolved.adapter.ref, "base": resolved.base_ref or str(resolved.folder),
+            "r": resolved.adapter.config.r, "lora_alpha": resolved.adapter.config.lora_alpha}
 
 
 def _problems(recipe: EnsembleRecipe, same: bool, table_bytes: int) -> list[str]:
@@ -116,7 +125,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  [{m['index']}] {m['model']}: weight {m['weight']:g}, "
                      f"{m['parameters']:,} parameters, vocab {m['vocab_size']} ({m['tokenizer']}), "
                      f"{same}, "
-                     f"{m['shared_spellings_with_primary']:.0%} spellings shared, specials "
+                     + (f"LoRA r={m['adapter']['r']} on {m['adapter']['base']}, " if m.get("adapter") else "")
+                     + f"{m['shared_spellings_with_primary']:.0%} spellings shared, specials "
                      + ", ".join(f"{k}={v}" for k, v in m["special_tokens"].items()))
     a, c = report["alignment"], report["cost_per_token"]
     lines.append(f"  alignment: union vocabulary {a['union_vocab_size']}, "

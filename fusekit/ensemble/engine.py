@@ -130,6 +130,8 @@ class Ensemble:
         if family == "answer":
             result.answers = vote_answers(self, cast(AnswerMethod, impl), prompts, max_new=max_new,
                                           temperature=temp, seed=seed, result=result)
+        elif family == "byte":
+            result.answers = self._generate_bytes(prompts, max_new, temp, seed, result)
         elif family == "cross":
             generator = torch.Generator().manual_seed(seed)
             result.answers = [decode_text(self, cast(CrossMethod, impl), prompt, max_new=max_new,
@@ -145,6 +147,18 @@ class Ensemble:
                                              result=result)
         result.seconds = time.perf_counter() - started
         return result
+
+    def _generate_bytes(self, prompts: Sequence[str], max_new: int, temperature: float, seed: int,
+                        result: GenerationResult) -> list[Answer]:
+        """``method: byte``: each prompt continued byte by byte (``max_new`` bytes at most)."""
+        from fusekit.ensemble.bytes.generate import generate_bytes
+        from fusekit.ensemble.bytes.method import ByteMethod
+
+        generator = torch.Generator().manual_seed(seed)
+        method = cast(ByteMethod, self.method_impl)
+        return [generate_bytes(method, prompt, max_new=max_new, temperature=temperature, generator=generator,
+                               result=result, stop_at_eos=self.recipe.generation.stop_at_eos)
+                for prompt in prompts]
 
     def _options(self, prompts: Sequence[str], max_new_tokens: int | None, temperature: float | None,
                  seed: int | None) -> tuple[int, float, int]:

@@ -24,12 +24,13 @@ from pydantic import BaseModel
 from fusekit.ensemble import recipe as r
 from fusekit.ensemble.align import RelativeAligner, UnionVocab
 from fusekit.ensemble.base import AnswerMethod, CrossMethod, Family, MethodContext, TokenMethod
+from fusekit.ensemble.bytes.method import ByteMethod
 from fusekit.ensemble.cross_vocab import RelativeMethod, UnionMethod
 from fusekit.ensemble.members import Member
 from fusekit.ensemble.same_vocab import CascadeMethod, MixMethod
 from fusekit.ensemble.vote import MbrMethod, VoteMethod
 
-Built = TokenMethod | CrossMethod | AnswerMethod
+Built = TokenMethod | CrossMethod | AnswerMethod | ByteMethod
 Builder = Callable[[Any, MethodContext], Built]
 
 
@@ -89,9 +90,11 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("vote", "answer", r.VoteParams, lambda p, ctx: VoteMethod(p.samples), distribution=False),
     MethodSpec("mbr", "answer", r.MbrParams, lambda p, ctx: MbrMethod(p.samples, p.utility),
                distribution=False),
+    MethodSpec("byte", "byte", r.ByteParams, lambda p, ctx: ByteMethod(ctx, p.beam, p.gate)),
 )}
 
-_FAMILIES = {"same": r.SAME_VOCAB_METHODS, "cross": r.CROSS_VOCAB_METHODS, "answer": r.ANSWER_METHODS}
+_FAMILIES = {"same": r.SAME_VOCAB_METHODS, "cross": r.CROSS_VOCAB_METHODS, "answer": r.ANSWER_METHODS,
+             "byte": r.BYTE_METHODS}
 if set(METHODS) != set(r.METHODS) or any(spec.params is not r.PARAMS[spec.name]
                                          or spec.name not in _FAMILIES[spec.family]
                                          for spec in METHODS.values()):

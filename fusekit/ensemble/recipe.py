@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fusekit.recipe.load import Location, RecipeSource, load_recipe, parse_recipe, suggest
 from fusekit.recipe.numbers import Seed
-from fusekit.recipe.schema import DType, ModelRefText
+from fusekit.recipe.schema import DType, ModelRefText, _fold_revision
 
 SAME_VOCAB_METHODS = ("prob_avg", "logit_avg", "cascade")
 """Token-level methods that add up distributions over one shared vocabulary."""
@@ -21,20 +21,47 @@ CROSS_VOCAB_METHODS = ("union", "topk_union", "relative")
 """Token-level methods that align different vocabularies."""
 ANSWER_METHODS = ("vote", "mbr")
 """Methods that choose among whole answers written by the members."""
-METHODS = (*SAME_VOCAB_METHODS, *CROSS_VOCAB_METHODS, *ANSWER_METHODS)
+BYTE_METHODS = ("byte",)
+"""Methods that mix the members' next-byte distributions (any tokenizers)."""
+METHODS = (*SAME_VOCAB_METHODS, *CROSS_VOCAB_METHODS, *ANSWER_METHODS, *BYTE_METHODS)
 
-Method = Literal["prob_avg", "logit_avg", "cascade", "union", "topk_union", "relative", "vote", "mbr"]
+Method = Literal["prob_avg", "logit_avg", "cascade", "union", "topk_union", "relative", "vote", "mbr", "byte"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class MemberParameters(_Strict):
+    """A merge recipe entry's ``parameters:`` in an ensemble: the member's ``weight``, nothing else."""
+
+    weight: float = Field(gt=0, allow_inf_nan=False)
+
+
 class EnsembleMember(_Strict):
-    """One entry of ``models:``: a model reference (as in merge recipes) and its weight."""
+    """One entry of ``models:``: a model reference and its weight (> 0, default 1).
+
+    A merge recipe's entries work unchanged: ``{model: a, parameters: {weight: 0.3}}`` weighs the
+    member 0.3, and ``revision:`` beside ``model`` reads as ``model@revision``.
+    """
 
     model: ModelRefText
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    parameters: MemberParameters | None = None
+    revision: str | None = None
+
+    _revision = model_validator(mode="before")(_fold_revision)
+
+    @model_validator(mode="after")
+    def _one_weight(self) -> EnsembleMember:
+        if self.parameters is not None and "weight" in self.model_fields_set:
+            raise ValueError("the weight is given twice (weight and parameters.weight); keep one")
+        return self
+
+    @property
+    def share(self) -> float:
+        """The member's weight before normalisation: ``parameters.weight`` or ``weight``."""
+        return self.parameters.weight if self.parameters is not None else self.weight
 
 
 class GenerationConfig(_Strict):
@@ -100,6 +127,11 @@ class RelativeParams(_GateParams):
         return value
 
 
+class ByteParams(_GateParams):
+    beam: int = Field(default=2, ge=1, le=64)
+    """Tokenizations each member keeps per byte offset where they end (more: closer to exact, slower)."""
+
+
 class CascadeParams(_Strict):
     threshold: float = Field(default=0.5, gt=0, le=1)
 
@@ -116,7 +148,7 @@ class MbrParams(_Strict):
 PARAMS: dict[str, type[_Strict]] = {
     "prob_avg": ProbAvgParams, "logit_avg": LogitAvgParams, "union": UnionParams,
     "topk_union": TopkUnionParams, "relative": RelativeParams, "cascade": CascadeParams,
-    "vote": VoteParams, "mbr": MbrParams,
+    "vote": VoteParams, "mbr": MbrParams, "byte": ByteParams,
 }
 
 
@@ -158,8 +190,8 @@ class EnsembleRecipe(_Strict):
         Returns:
             One weight per member, in recipe order.
         """
-        total = sum(m.weight for m in self.models)
-        return [m.weight / total for m in self.models]
+        total = sum(m.share for m in self.models)
+        return [m.share / total for m in self.models]
 
     def refs(self) -> list[str]:
         """The members' model references, in recipe order.

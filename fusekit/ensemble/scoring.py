@@ -24,6 +24,7 @@ from fusekit.ensemble.engine import Ensemble
 from fusekit.ensemble.members import Member, TextStream, longest_complete_prefix
 from fusekit.errors import FusekitError
 from fusekit.lm.score import TextScore, encode, resolve_window, score_text, sliding_windows
+from fusekit.progress import bar, label
 
 
 @dataclass
@@ -72,6 +73,8 @@ def score_ensemble(ens: Ensemble, text: str, *, context: int | None = None, stri
     if not ens.spec.distribution:
         raise FusekitError(f"method {ens.method} picks tokens or answers without a full distribution, so it "
                            "has no bits per byte; score the same models with method: union or prob_avg")
+    if ens.spec.family == "byte":
+        return _score_bytes(ens, text, context)
     primary = ens.primary_member
     same = [m for m in ens.members if m.vocab.fingerprint == primary.vocab.fingerprint]
     others = [m for m in ens.members if m.vocab.fingerprint != primary.vocab.fingerprint]
@@ -90,14 +93,25 @@ def score_ensemble(ens: Ensemble, text: str, *, context: int | None = None, stri
     scorer = _Scorer(ens, same, others, data, width)
     nll = first_cost
     cursor = 1  # windows score positions 1, 2, ... of seq in order, each exactly once
-    for window in sliding_windows(0, seq, context, stride):
+    windows = sliding_windows(0, seq, context, stride)
+    for window in bar(windows, desc=f"scoring {len(data):,} bytes with the {ens.method} ensemble",
+                      unit="window"):
         start = cursor - window.first  # index in seq of the window's first token
         nll += scorer.window(window.ids, window.first, offsets[start:start + len(window.ids)])
         cursor += len(window.ids) - window.first
     result = EnsembleScore(TextScore(len(data), len(ids), nll), [], scorer.details())
     if members:
-        result.members = [_member_score(m, text, *asked) for m in ens.members]
+        result.members = [_member_score(m, text, *asked, index=i, count=len(ens.members))
+                          for i, m in enumerate(ens.members)]
     return result
+
+
+def _score_bytes(ens: Ensemble, text: str, context: int | None) -> EnsembleScore:
+    """``method: byte``: scored byte by byte (:mod:`fusekit.ensemble.bytes`), members alike."""
+    from fusekit.ensemble.bytes.method import ByteMethod
+    from fusekit.ensemble.bytes.score import score_byte_ensemble
+
+    return score_byte_ensemble(ens, text, cast(ByteMethod, ens.method_impl), context=context)
 
 
 def _sequence(start: int | None, ids: list[int], pieces: list[bytes | None],
@@ -190,11 +204,13 @@ class _Scorer:
         return total
 
 
-def _member_score(member: Member, text: str, context: int | None, stride: int | None) -> TextScore:
+def _member_score(member: Member, text: str, context: int | None, stride: int | None, *, index: int = 0,
+                  count: int = 1) -> TextScore:
     """The member alone, with the ensemble's window where it fits the member's context."""
     limit = member.context()
     if context is not None and context > limit:
         context = limit
     if context is not None and stride is not None:
         stride = min(stride, context - 1)
-    return score_text(member.lm, text, context=context, stride=stride)
+    return score_text(member.lm, text, context=context, stride=stride,
+                      desc=f"scoring with member {index + 1}/{count} alone: {label(member.ref)}")

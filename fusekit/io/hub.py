@@ -3,11 +3,14 @@
 :func:`push_to_hub` checks that a folder is a complete fusekit output (weights, config, and, when it
 has a ``fusekit.lock``, files whose sha256 still match it), creates the repository if needed, creates
 the branch when a revision is given, and uploads the folder with huggingface_hub in one commit
-(large files through its LFS or Xet transfer). Transient failures (connection errors, HTTP 408, 429
-and 5xx) are retried with exponential backoff; a refused token, missing access or an unknown
-repository is one line naming the repository and what to do. Every request has connect and read
-timeouts and the whole push a deadline (:mod:`fusekit.io.hub_deadline`), so a server that never
-answers, drips bytes or resets connections ends in one line, not a hang.
+(large files through its LFS or Xet transfer). When the branch already holds every file with the
+same content (LFS files compared by sha256, the others by git blob id), nothing is uploaded and no
+commit is made, so rebuilding a locked, byte-identical output and pushing it again is a no-op.
+Transient failures (connection errors, HTTP 408, 429 and 5xx) are retried with exponential backoff;
+a refused token, missing access or an unknown repository is one line naming the repository and what
+to do. Every request has connect and read timeouts and the whole push a deadline
+(:mod:`fusekit.io.hub_deadline`), so a server that never answers, drips bytes or resets connections
+ends in one line, not a hang.
 
 The token comes from ``HF_TOKEN`` or the cached login (``hf auth login``), as huggingface_hub finds
 it; fusekit never prints, logs or writes it.
@@ -15,10 +18,12 @@ it; fusekit never prints, logs or writes it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from fusekit.errors import FusekitError, HubError, HubTimeoutError
 from fusekit.io.files import PARTIAL_MARKER
@@ -48,13 +53,15 @@ __all__ = ["RETRY_DELAY_ENV", "PushResult", "check_output", "check_repo_id", "ch
 
 @dataclass(frozen=True)
 class PushResult:
-    """Where the upload went: the repository, the branch and the commit."""
+    """Where the upload went: the repository, the branch and the commit (None, with ``up_to_date``,
+    when the branch already held every file and no commit was made)."""
 
     repo_id: str
     revision: str
-    commit_url: str
+    commit_url: str | None
     files: int
     attempts: int
+    up_to_date: bool = False
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -153,7 +160,7 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False,
         # The limits are lifted when this thread ends, so an abandoned push never goes on unbounded.
         with limited_session(deadline):
             return _push_with_retries(folder, repo_id, private=private, revision=revision,
-                                      message=message, files=len(files), retries=retries, delay=delay,
+                                      message=message, files=files, retries=retries, delay=delay,
                                       deadline=deadline, attempts=attempts)
 
     try:
@@ -164,9 +171,10 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False,
 
 
 def _push_with_retries(folder: Path, repo_id: str, *, private: bool, revision: str | None, message: str,
-                       files: int, retries: int, delay: float, deadline: Deadline,
+                       files: list[Path], retries: int, delay: float, deadline: Deadline,
                        attempts: list[int]) -> PushResult:
-    """Create the repository (and branch) and upload in one commit, retrying transient failures."""
+    """Create the repository (and branch) and upload in one commit unless the branch already holds
+    every file, retrying transient failures."""
     from huggingface_hub import HfApi
 
     api = HfApi()  # the token: HF_TOKEN or the cached login, resolved by huggingface_hub
@@ -176,11 +184,13 @@ def _push_with_retries(folder: Path, repo_id: str, *, private: bool, revision: s
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             if revision is not None:
                 api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+            held = PushResult(repo_id=repo_id, revision=revision or "main", commit_url=None,
+                              files=len(files), attempts=attempts[0], up_to_date=True)
+            if hub_holds(api, files, repo_id, revision):
+                return held
             info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
                                      revision=revision, commit_message=message, ignore_patterns=[".*"])
-            return PushResult(repo_id=repo_id, revision=revision or "main",
-                              commit_url=str(getattr(info, "commit_url", info)), files=files,
-                              attempts=attempts[0])
+            return replace(held, commit_url=str(getattr(info, "commit_url", info)), up_to_date=False)
         except Exception as exc:
             status = _status(exc)
             transient = status in TRANSIENT_STATUS or (status is None and _is_network_error(exc))
@@ -192,6 +202,49 @@ def _push_with_retries(folder: Path, repo_id: str, *, private: bool, revision: s
                         retries + 1)
             if not deadline.sleep(wait):
                 raise
+
+
+def hub_holds(api: Any, files: list[Path], repo_id: str, revision: str | None) -> bool:
+    """True when the branch ``revision`` of ``repo_id`` already holds every one of ``files`` (by name)
+    with the same content: an LFS file's sha256 (its LFS oid), another file's git blob id.
+
+    Args:
+        api: a ``huggingface_hub.HfApi``.
+        files: the local files, uploaded under their names.
+        repo_id / revision: the repository and branch (None: main).
+    """
+    from huggingface_hub import RepoFile
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    from fusekit.io.digests import DigestCache
+
+    try:
+        found = api.get_paths_info(repo_id, [p.name for p in files], revision=revision, repo_type="model")
+    except (EntryNotFoundError, RevisionNotFoundError):
+        return False
+    remote = {entry.path: entry for entry in found if isinstance(entry, RepoFile)}
+    cache = DigestCache()  # the digests check_output has just computed
+    try:
+        for path in files:
+            entry = remote.get(path.name)
+            if entry is None or entry.size != path.stat().st_size:
+                return False
+            same = (entry.lfs.sha256 == cache.digest(path) if entry.lfs is not None
+                    else entry.blob_id == git_blob_id(path))
+            if not same:
+                return False
+    finally:
+        cache.save()
+    return True
+
+
+def git_blob_id(path: Path) -> str:
+    """The git object id of a file's content: sha1 of ``blob <size>\\0`` and the bytes."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with path.open("rb") as handle:
+        while block := handle.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _status(exc: BaseException) -> int | None:

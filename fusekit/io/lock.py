@@ -2,7 +2,8 @@
 
 Every merge writes ``OUT_DIR/fusekit.lock`` (JSON) holding the fusekit, torch, safetensors and
 huggingface_hub versions, the recipe's sha256, the options that change the bytes written, the random
-seed, every input file's size and sha256 (for Hub inputs, the resolved commit and each file's size),
+seed of a stochastic method (a deterministic one records none), every input file's size and sha256
+(for Hub inputs, the resolved commit and each file's size),
 and the size and sha256 of every output file. No token, absolute path or timestamp is recorded, so the
 same inputs give the same lock: a model the recipe names by absolute path is recorded relative to
 the recipe's folder (:func:`portable_refs`).
@@ -33,6 +34,7 @@ from fusekit.io.files import file_sha256, write_text
 from fusekit.io.refs import SAFETENSORS_INDEX, ResolvedModel, hub_repo_id
 from fusekit.io.tokenizer import GENERATION_CONFIG, TOKENIZER_FILES
 from fusekit.io.userfiles import read_user_text
+from fusekit.lora.config import ADAPTER_CONFIG
 from fusekit.version import __version__
 
 LOCK_FILE = "fusekit.lock"
@@ -40,6 +42,7 @@ LOCK_VERSION = 1
 MAX_LOCK_BYTES = 16 * 2**20
 # Files of an input model whose content reaches the output (besides the weights).
 SIDE_INPUTS = ("config.json", GENERATION_CONFIG, SAFETENSORS_INDEX, *TOKENIZER_FILES)
+ADAPTER_PREFIX = "adapter/"  # how a lock names an applied adapter's files
 
 
 @functools.cache
@@ -71,7 +74,8 @@ def recipe_sha256(text: str) -> str:
 
 
 def model_files(model: ResolvedModel) -> dict[str, Path]:
-    """Every file of ``model`` a merge reads, by its name relative to the model folder."""
+    """Every file of ``model`` a merge reads, by its name relative to the model folder; a LoRA
+    adapter's config and weights as ``adapter/<name>``."""
     files: dict[str, Path] = {}
     for path in model.weight_files:
         files[_relative(path, model.folder)] = path
@@ -79,7 +83,27 @@ def model_files(model: ResolvedModel) -> dict[str, Path]:
         path = model.folder / name
         if path.is_file():
             files[name] = path
+    files.update(adapter_files(model))
     return dict(sorted(files.items()))
+
+
+def adapter_files(model: ResolvedModel) -> dict[str, Path]:
+    """``model``'s LoRA adapter files (config and weights) as ``adapter/<name>`` → path; {} without one."""
+    adapter = model.adapter
+    if adapter is None:
+        return {}
+    return {f"{ADAPTER_PREFIX}{ADAPTER_CONFIG}": adapter.folder / ADAPTER_CONFIG,
+            f"{ADAPTER_PREFIX}{adapter.weights.name}": adapter.weights}
+
+
+def _hashed_files(model: ResolvedModel) -> dict[str, Path]:
+    """The files whose content a lock hashes: all of a local model's; of a Hub model (its commit
+    names its content) only a local adapter's."""
+    if model.hub_id is None:
+        return model_files(model)
+    if model.adapter is None or model.adapter.hub_id is not None:
+        return {}
+    return adapter_files(model)
 
 
 def _relative(path: Path, folder: Path) -> str:
@@ -146,9 +170,7 @@ class InputFingerprints:
                                         thread_name_prefix="fusekit-hash")
         self._futures: dict[tuple[str, str], Future[str]] = {}
         for ref, model in self._models.items():
-            if model.hub_id is not None:
-                continue
-            for name, path in model_files(model).items():
+            for name, path in _hashed_files(model).items():
                 self._futures[(ref, name)] = self._pool.submit(self._cache.digest, path)
         self._pool.shutdown(wait=False)
         self._result: dict[str, dict[str, Any]] | None = None
@@ -172,6 +194,9 @@ class InputFingerprints:
         entry: dict[str, Any] = {}
         if model.hub_id is not None:
             entry = {"hub_id": model.hub_id, "revision": model.revision}
+        adapter = model.adapter
+        if adapter is not None and adapter.hub_id is not None:
+            entry["adapter"] = {"hub_id": adapter.hub_id, "revision": adapter.revision}
         files: dict[str, dict[str, Any]] = {}
         for name, path in model_files(model).items():
             try:
@@ -210,18 +235,30 @@ def output_files(folder: Path, exclude: Iterable[str] = ()) -> dict[str, dict[st
     return rows
 
 
-def make_lock(*, recipe_text: str, recipe_name: str, options: Mapping[str, Any], seed: int,
+def make_lock(*, recipe_text: str, recipe_name: str, options: Mapping[str, Any], seed: int | None,
               inputs: Mapping[str, Any], outputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The lock's content (``outputs`` filled in once the output is written)."""
+    """The lock's content (``outputs`` filled in once the output is written); ``seed`` None (a
+    deterministic method) records no ``random_seed``."""
     return {
         "lock_version": LOCK_VERSION,
         "versions": library_versions(),
         "recipe": {"name": recipe_name, "sha256": recipe_sha256(recipe_text)},
         "options": dict(options),
-        "random_seed": seed,
+        **({} if seed is None else {"random_seed": seed}),
         "inputs": dict(inputs),
         "outputs": dict(outputs or {}),
     }
+
+
+def lock_seed(path: Path) -> int | None:
+    """The random seed the lock at ``path`` records; None when it records none (a deterministic
+    method).
+
+    Raises:
+        LockMismatchError: the lock is missing or unreadable (one line).
+    """
+    seed = read_lock(path).get("random_seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 def write_lock(folder: Path, lock: Mapping[str, Any]) -> None:
@@ -261,6 +298,10 @@ def input_differences(locked: Mapping[str, Any], current: Mapping[str, Any]) -> 
             found.append(f"model '{ref}' resolves to commit {entry.get('revision')} but the lock "
                          f"has {old.get('revision')}")
             continue
+        if entry.get("adapter") != old.get("adapter"):
+            found.append(f"model '{ref}': its adapter resolves to {entry.get('adapter')} but the lock has "
+                         f"{old.get('adapter')}")
+            continue
         files, old_files = entry.get("files", {}), old.get("files", {})
         if not isinstance(old_files, dict):
             old_files = {}
@@ -299,7 +340,7 @@ def stale_reason(old: Mapping[str, Any], new: Mapping[str, Any], folder: Path, *
         return "the recipe changed"
     if old.get("options") != new["options"]:
         return "the output options changed"
-    if old.get("random_seed") != new["random_seed"]:
+    if old.get("random_seed") != new.get("random_seed"):
         return "the random seed differs"
     differences = input_differences(old.get("inputs", {}), new["inputs"])
     if differences or set(old.get("inputs", {})) != set(new["inputs"]):

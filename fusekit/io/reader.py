@@ -323,3 +323,23 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def open_reader(model: ResolvedModel) -> CheckpointReader:
+    """A reader of ``model``: its checkpoint, or its base with its LoRA adapter applied on read.
+
+    Args:
+        model: a resolved reference; ``model.adapter`` set means the base with the adapter applied.
+
+    Returns:
+        A :class:`CheckpointReader`, or a :class:`fusekit.lora.apply.AdapterReader` (which is one).
+
+    Example:
+        >>> with open_reader(resolve_model("base+adapter")) as reader:  # doctest: +SKIP
+        ...     reader.get("model.layers.0.self_attn.q_proj.weight")
+    """
+    if model.adapter is None:
+        return CheckpointReader(model)
+    from fusekit.lora.apply import AdapterReader  # imports this module: not at import time
+
+    return AdapterReader(model)

@@ -4,6 +4,12 @@ A reference is a local folder of safetensors (one file or shards with an index),
 ``.safetensors`` file, or a Hub id ``org/name`` / ``org/name@revision`` found through
 huggingface_hub's cache (downloaded when online; ``HF_HUB_OFFLINE=1`` uses the cache alone).
 Pickle checkpoints (``.bin``, ``.pt``) are refused unless explicitly allowed.
+
+A PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, local or on
+the Hub) is a reference too: ``base+adapter`` (mergekit's form) means the base with the adapter
+applied, and a bare adapter is applied to ``base`` when the caller gives one (a recipe's
+``base_model``), else to the model its config names (``base_model_name_or_path``). The result is
+the base's :class:`ResolvedModel` with :attr:`ResolvedModel.adapter` set.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fusekit.errors import CheckpointError, CheckpointNotFoundError
+from fusekit.lora.config import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, LoraConfig, read_lora_config
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -23,6 +30,26 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_INDEX_BYTES = 64 * 2**20  # real indexes are a few hundred KiB
 # Everything a merge needs from a Hub repo: weights, configs, tokenizer files.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """A LoRA adapter reference resolved to its folder, weights and parsed config.
+
+    Attributes:
+        ref: the adapter's reference as written (without the ``base+`` part).
+        folder: the adapter folder.
+        weights: its ``adapter_model.safetensors``.
+        config: the parsed ``adapter_config.json``.
+        hub_id / revision: set for Hub references; revision is the resolved commit.
+    """
+
+    ref: str
+    folder: Path
+    weights: Path
+    config: LoraConfig
+    hub_id: str | None = None
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -35,6 +62,9 @@ class ResolvedModel:
         weight_files: safetensors (or, when allowed, pickle) files holding the tensors.
         index: tensor name → file, from an index json, when the checkpoint has one.
         hub_id / revision: set for Hub references; revision is the resolved commit.
+        adapter: the LoRA adapter applied on top of these weights, or None; ``folder``,
+            ``weight_files``, ``hub_id`` and ``revision`` then describe the base.
+        base_ref: the base's reference when ``adapter`` is set.
     """
 
     ref: str
@@ -43,6 +73,8 @@ class ResolvedModel:
     index: dict[str, Path] | None = None
     hub_id: str | None = None
     revision: str | None = None
+    adapter: ResolvedAdapter | None = None
+    base_ref: str | None = None
 
     @property
     def is_pickle(self) -> bool:
@@ -79,23 +111,94 @@ def hub_repo_id(ref: str) -> str | None:
     return repo_id
 
 
-def resolve_model(ref: str, *, allow_pickle: bool = False) -> ResolvedModel:
-    """Find the files behind ``ref``; raise a one-line error naming it when there are none."""
-    path = Path(ref).expanduser()
+def resolve_model(ref: str, *, allow_pickle: bool = False, base: str | None = None) -> ResolvedModel:
+    """Find the files behind ``ref``; raise a one-line error naming it when there are none.
+
+    Args:
+        ref: a local path, a Hub id (``org/name[@revision]``), an adapter, or ``base+adapter``.
+        allow_pickle: accept ``.bin`` / ``.pt`` checkpoints.
+        base: the model a bare adapter is applied to (a recipe's ``base_model``); default: the
+            adapter's ``base_model_name_or_path``.
+
+    Raises:
+        CheckpointNotFoundError / CheckpointError: one line naming ``ref`` and what to do.
+    """
+    pair = split_adapter_ref(ref)
+    if pair is not None:
+        base_ref, adapter_ref = pair
+        adapter = resolve_adapter(adapter_ref)
+        return _with_adapter(ref, base_ref, adapter, allow_pickle=allow_pickle)
+    folder, repo_id, commit = _locate(ref)
+    if folder.is_dir() and (folder / ADAPTER_CONFIG).is_file():
+        adapter = _read_adapter(ref, folder, repo_id, commit)
+        named_base = base or adapter.config.base_model
+        if not named_base:
+            raise CheckpointError(f"adapter '{ref}': its adapter_config.json names no base model "
+                                  "(base_model_name_or_path); write it as BASE+ADAPTER or set base_model")
+        return _with_adapter(ref, named_base, adapter, allow_pickle=allow_pickle)
+    # Cache snapshots hold symlinks into the repo's blobs/ folder, two levels up.
+    link_root = folder.parent.parent if repo_id else None
+    resolved = _resolve_local(ref, folder, allow_pickle=allow_pickle, link_root=link_root)
+    if repo_id is None:
+        return resolved
+    return ResolvedModel(ref, resolved.folder, resolved.weight_files, resolved.index,
+                         hub_id=repo_id, revision=commit)
+
+
+def split_adapter_ref(ref: str) -> tuple[str, str] | None:
+    """mergekit's ``"base+adapter"`` → ``("base", "adapter")``; None when ``ref`` is not of that
+    form (no ``+``, an empty side, or a local path whose name contains ``+``)."""
+    base, sep, adapter = ref.partition("+")
+    if not sep or not base.strip() or not adapter.strip() or _local_exists(ref):
+        return None
+    return base, adapter
+
+
+def resolve_adapter(ref: str) -> ResolvedAdapter:
+    """Resolve ``ref`` (a local folder or a Hub id) that must be a PEFT LoRA adapter.
+
+    Raises:
+        CheckpointNotFoundError / CheckpointError: one line naming ``ref``: missing, not an
+            adapter folder, no weights, or an adapter type fusekit does not apply.
+    """
+    folder, repo_id, commit = _locate(ref)
+    if not (folder.is_dir() and (folder / ADAPTER_CONFIG).is_file()):
+        raise CheckpointError(f"adapter '{ref}': {folder} has no {ADAPTER_CONFIG}, so it is not a PEFT "
+                              "adapter; BASE+ADAPTER needs an adapter folder after the '+'")
+    return _read_adapter(ref, folder, repo_id, commit)
+
+
+def _locate(ref: str) -> tuple[Path, str | None, str | None]:
+    """The local file or folder behind ``ref``, and its Hub id and commit when it came from the Hub."""
     if _local_exists(ref):
-        return _resolve_local(ref, path, allow_pickle=allow_pickle)
+        return Path(ref).expanduser(), None, None
     repo_id = hub_repo_id(ref)
     if repo_id is not None:
         _, revision = split_revision(ref)
         folder, commit = _download(repo_id, revision)
-        # Cache snapshots hold symlinks into the repo's blobs/ folder, two levels up.
-        resolved = _resolve_local(ref, folder, allow_pickle=allow_pickle,
-                                  link_root=folder.parent.parent)
-        return ResolvedModel(ref, resolved.folder, resolved.weight_files, resolved.index,
-                             hub_id=repo_id, revision=commit)
+        return folder, repo_id, commit
     raise CheckpointNotFoundError(
         f"model '{ref}': no such folder or file; check the path (relative paths are taken from "
         f"the current folder, {Path.cwd()})")
+
+
+def _read_adapter(ref: str, folder: Path, repo_id: str | None, commit: str | None) -> ResolvedAdapter:
+    config = read_lora_config(folder, ref=ref)
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        why = (f"holds {ADAPTER_PICKLE} (a pickle); convert it to {ADAPTER_WEIGHTS}"
+               if (folder / ADAPTER_PICKLE).is_file() else f"has no {ADAPTER_WEIGHTS}; download it again")
+        raise CheckpointNotFoundError(f"adapter '{ref}': {folder} {why}")
+    return ResolvedAdapter(ref, folder, weights, config, hub_id=repo_id, revision=commit)
+
+
+def _with_adapter(ref: str, base_ref: str, adapter: ResolvedAdapter, *, allow_pickle: bool) -> ResolvedModel:
+    base = resolve_model(base_ref, allow_pickle=allow_pickle)
+    if base.adapter is not None:
+        raise CheckpointError(f"model '{ref}': the base '{base_ref}' is itself an adapter; apply "
+                              "adapters to a full model (merge the inner adapter into its base first)")
+    return ResolvedModel(ref, base.folder, base.weight_files, base.index, base.hub_id, base.revision,
+                         adapter=adapter, base_ref=base_ref)
 
 
 def require_config(model: ResolvedModel, why: str) -> Path:
@@ -213,7 +316,8 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
     except LocalEntryNotFoundError:
         raise CheckpointNotFoundError(
             f"model '{where}' is not in the Hugging Face cache and the Hub cannot be reached "
-            "(offline); download it once online (huggingface-cli download) or use a local path"
+            f"(offline); download it once online (hf download {repo_id}"
+            f"{f' --revision {revision}' if revision else ''}) or use a local path"
         ) from None
     except GatedRepoError:
         raise CheckpointNotFoundError(f"model '{where}' is gated; accept its terms on the Hub and "

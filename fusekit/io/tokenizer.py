@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fusekit.chat_templates import load_template, template_names, template_problem
 from fusekit.errors import CheckpointError, RecipeError
 from fusekit.io.files import write_error, write_json, write_text
 from fusekit.io.refs import ResolvedModel
@@ -18,15 +19,6 @@ TOKENIZER_FILES = (
 GENERATION_CONFIG = "generation_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 MAX_JSON_BYTES = 256 * 2**20  # the largest real tokenizer.json files are tens of MiB
-
-# ChatML, the most widely used role-tagged format; written here from its published description.
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-BUILTIN_TEMPLATES = {"chatml": CHATML}
 
 
 def check_tokenizer_files(folder: Path) -> None:
@@ -103,18 +95,21 @@ def copy_generation_config(donor: ResolvedModel, out: Path) -> bool:
 def resolve_chat_template(value: str | None, source: ResolvedModel | None) -> str | None:
     """The template text ``chat_template`` asks for; None keeps the tokenizer's own.
 
-    ``auto`` keeps the tokenizer source's template; a built-in name (``chatml``) or a literal
-    Jinja template (anything containing ``{``) replaces it.
+    ``auto`` keeps the tokenizer source's template; a built-in name (one of
+    :func:`fusekit.chat_templates.template_names`: ``alpaca``, ``chatml``, ``exaone``, ``llama3``,
+    ``mistral``, ``zephyr``) or a literal Jinja template (anything containing ``{``) replaces it.
+
+    Raises:
+        RecipeError: ``value`` is none of these; the line lists the built-in names.
     """
     if value is None or value == "auto":
         return None
-    if value in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[value]
-    if "{" in value:
-        return value
-    names = ", ".join(["auto", *BUILTIN_TEMPLATES])
-    raise RecipeError(f"chat_template: '{value}' is neither a known template ({names}) nor a "
-                      "Jinja template; give one of those names or the template text")
+    if value in template_names():
+        return load_template(value)
+    problem = template_problem(value)
+    if problem is not None:
+        raise RecipeError(f"chat_template: {problem}")
+    return value
 
 
 def write_chat_template(out: Path, template: str) -> None:

@@ -1,12 +1,15 @@
 """Load a causal language model and its tokenizer from any model reference fusekit accepts.
 
 The reference goes through :func:`fusekit.io.refs.resolve_model` (local folder, single file's folder,
-Hub id via the cache), so ``ensemble``, ``route`` and ``moe`` accept exactly what ``merge`` does.
+Hub id via the cache, PEFT LoRA adapter, ``base+adapter``), so ``score``, ``ensemble``, ``route`` and
+``moe`` accept exactly what ``merge`` does. An adapter is applied with PEFT on the base transformers
+loaded, then merged into it.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,13 +18,14 @@ import torch
 
 from fusekit.device import resolve_device
 from fusekit.errors import CheckpointError, FusekitError
-from fusekit.io.reader import CheckpointReader
+from fusekit.io.reader import open_reader, read_safetensors_header
 from fusekit.io.refs import ResolvedModel, require_config, resolve_model
 from fusekit.io.tokenizer import check_tokenizer_files
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -53,11 +57,23 @@ def import_transformers() -> Any:
     try:
         import transformers
     except ImportError:
-        raise FusekitError("running a model needs transformers; install fusekit with the 'lm' extra: "
-                           "pip install 'fusekit[lm]'") from None
+        from fusekit.extras import install_hint
+
+        raise FusekitError(f"running a model needs transformers; {install_hint('lm')}") from None
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     return transformers
+
+
+def import_peft() -> Any:
+    """peft; a one-line error naming the ``lora`` extra when it is missing."""
+    try:
+        import peft
+    except ImportError:
+        from fusekit.extras import install_hint
+
+        raise FusekitError(f"LoRA adapters need peft; {install_hint('lora')}") from None
+    return peft
 
 
 def load_lm(ref: str | Path, *, device: str = "cpu", dtype: str | None = "float32",
@@ -65,7 +81,8 @@ def load_lm(ref: str | Path, *, device: str = "cpu", dtype: str | None = "float3
     """Load ``ref`` as a causal LM (and its tokenizer) for inference.
 
     Args:
-        ref: a model reference, as in a recipe's ``model:``.
+        ref: a model reference, as in a recipe's ``model:``; a LoRA adapter (``base+adapter``, or an
+            adapter folder whose config names its base) is applied to its base and merged into it.
         device: ``cpu``, ``cuda`` or ``auto``.
         dtype: ``float32`` (default, exact on CPU), ``bfloat16``, ``float16``, or None for the
             checkpoint's own dtype.
@@ -73,7 +90,8 @@ def load_lm(ref: str | Path, *, device: str = "cpu", dtype: str | None = "float3
         allow_pickle: accept ``.bin`` checkpoints (weights-only load).
 
     Raises:
-        FusekitError: one line naming ``ref`` when it cannot be found or loaded.
+        FusekitError: one line naming ``ref`` when it cannot be found or loaded, or when it is an
+            adapter and peft is missing or the adapter does not fit its base.
     """
     resolved = resolve_model(str(ref), allow_pickle=allow_pickle)
     check_weights(resolved)
@@ -87,8 +105,10 @@ def load_lm(ref: str | Path, *, device: str = "cpu", dtype: str | None = "float3
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"model '{ref}': transformers cannot load {resolved.folder}: "
                               f"{str(exc).splitlines()[0]}") from None
+    if resolved.adapter is not None:
+        model = apply_adapter(model, resolved)
     model.to(target).eval()
-    tok = load_tokenizer(ref, resolved.folder) if tokenizer else None
+    tok = load_tokenizer(ref, tokenizer_folder(resolved)) if tokenizer else None
     logging.getLogger(__name__).debug("loaded %s on %s", ref, target)
     return LoadedLM(str(ref), resolved, model, tok, target)
 
@@ -98,8 +118,9 @@ def check_weights(resolved: ResolvedModel) -> None:
 
     config.json must be a regular file, and every safetensors file must pass the merge reader's
     header, size and offset checks, with no tensor in two files and as many blocks as config.json
-    counts (see :class:`fusekit.io.reader.CheckpointReader`); no tensor data is read. Pickle
-    checkpoints (allowed explicitly) are left to their weights-only loader.
+    counts (see :class:`fusekit.io.reader.CheckpointReader`); an adapter's safetensors file passes the
+    same header checks; no tensor data is read. Pickle checkpoints (allowed explicitly) are left to
+    their weights-only loader.
 
     Raises:
         CheckpointError: one line naming the file at fault.
@@ -109,16 +130,62 @@ def check_weights(resolved: ResolvedModel) -> None:
         >>> check_weights(resolve_model("./merged"))  # doctest: +SKIP
     """
     require_config(resolved, "a model cannot be run without it")
+    if resolved.adapter is not None:
+        read_safetensors_header(resolved.adapter.weights)
     if resolved.is_pickle:
         return
-    with CheckpointReader(resolved) as reader:
+    with open_reader(resolved) as reader:
         reader.infos  # noqa: B018  # parses and checks every header
+
+
+def apply_adapter(model: Any, resolved: ResolvedModel) -> Any:
+    """``model`` (the base, loaded from ``resolved.folder``) with ``resolved.adapter`` applied by PEFT
+    and merged into its weights.
+
+    The adapter is merged (``merge_and_unload``) so inference runs at the base's speed, with no
+    adapter layers in the forward pass; sharing one loaded base among many adapters is left for later.
+
+    Raises:
+        FusekitError: peft is missing, or the adapter does not fit the base (one line naming both).
+    """
+    adapter = resolved.adapter
+    assert adapter is not None
+    peft = import_peft()
+    where = f"adapter '{adapter.ref}' on base '{resolved.base_ref or resolved.folder}'"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            wrapped = peft.PeftModel.from_pretrained(model, str(adapter.folder), is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{where}: PEFT cannot apply it: {_first_line(exc)}; check that the "
+                                  "adapter was trained on this base") from None
+    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    if missing:
+        raise CheckpointError(f"{where}: the adapter's tensors do not match the base's modules "
+                              f"({_first_line(missing[0])[:200]}); check that it was trained on this base")
+    return wrapped.merge_and_unload()
+
+
+def _first_line(exc: BaseException | str) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def tokenizer_folder(resolved: ResolvedModel) -> Path:
+    """Where ``resolved``'s tokenizer lives: an adapter's folder when it holds tokenizer files, else
+    the model's (the base's) folder."""
+    if resolved.adapter is not None and _has_tokenizer(resolved.adapter.folder):
+        return resolved.adapter.folder
+    return resolved.folder
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
 def load_tokenizer(ref: str | Path, folder: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in ``folder``; a clear error when there is none."""
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json",
-                                                      "tokenizer.model", "vocab.json")):
+    if not _has_tokenizer(folder):
         raise CheckpointError(f"model '{ref}': {folder} has no tokenizer files; copy the tokenizer "
                               "of the model it was trained from into that folder")
     check_tokenizer_files(folder)

@@ -23,6 +23,7 @@ import torch
 from fusekit.errors import FusekitError
 from fusekit.io.userfiles import TEXT_LIMIT, read_user_text
 from fusekit.lm.load import LoadedLM
+from fusekit.progress import label, steps
 
 DEFAULT_MAX_CONTEXT = 1024
 """Longest window :func:`score_text` uses by default (or the model's max positions, if smaller)."""
@@ -148,31 +149,38 @@ def token_logprobs(lm: LoadedLM, ids: torch.Tensor,
         return logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
-def _run_windows(lm: LoadedLM, windows: Sequence[_Window], batch_size: int) -> list[float]:
+def _run_windows(lm: LoadedLM, windows: Sequence[_Window], batch_size: int, desc: str) -> list[float]:
     """Summed NLL (nats) of each window's scored tokens, batched by similar length."""
     if batch_size < 1:
         raise FusekitError(f"batch size {batch_size}: must be at least 1")
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i].ids))
     nll = [0.0] * len(windows)
-    for lo in range(0, len(order), batch_size):
-        chunk = [windows[i] for i in order[lo:lo + batch_size]]
-        width = max(len(w.ids) for w in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        scored = torch.zeros(len(chunk), width - 1, dtype=torch.bool)
-        for row, w in enumerate(chunk):  # right padding
-            ids[row, :len(w.ids)] = torch.tensor(w.ids)
-            mask[row, :len(w.ids)] = 1
-            scored[row, w.first - 1:len(w.ids) - 1] = True
-        logprobs = token_logprobs(lm, ids, mask).double().cpu()
-        sums = torch.where(scored, -logprobs, torch.zeros((), dtype=torch.float64)).sum(dim=1)
-        for row, i in enumerate(order[lo:lo + batch_size]):
-            nll[i] = float(sums[row])
+    with steps(desc, total=sum(len(w.ids) for w in windows), unit="tok") as advance:
+        for lo in range(0, len(order), batch_size):
+            picked = order[lo:lo + batch_size]
+            _run_batch(lm, [windows[i] for i in picked], picked, nll)
+            advance(sum(len(windows[i].ids) for i in picked))
     return nll
 
 
+def _run_batch(lm: LoadedLM, chunk: Sequence[_Window], indices: Sequence[int], nll: list[float]) -> None:
+    """Score one batch of windows (right padding); ``nll[indices[row]]`` gets row's summed NLL."""
+    width = max(len(w.ids) for w in chunk)
+    ids = torch.zeros(len(chunk), width, dtype=torch.long)
+    mask = torch.zeros(len(chunk), width, dtype=torch.long)
+    scored = torch.zeros(len(chunk), width - 1, dtype=torch.bool)
+    for row, w in enumerate(chunk):
+        ids[row, :len(w.ids)] = torch.tensor(w.ids)
+        mask[row, :len(w.ids)] = 1
+        scored[row, w.first - 1:len(w.ids) - 1] = True
+    logprobs = token_logprobs(lm, ids, mask).double().cpu()
+    sums = torch.where(scored, -logprobs, torch.zeros((), dtype=torch.float64)).sum(dim=1)
+    for row, i in enumerate(indices):
+        nll[i] = float(sums[row])
+
+
 def score_texts(lm: LoadedLM, texts: Sequence[str], *, context: int | None = None,
-                stride: int | None = None, batch_size: int = 8) -> list[TextScore]:
+                stride: int | None = None, batch_size: int = 8, desc: str | None = None) -> list[TextScore]:
     """Score each text on its own; windows of all texts are batched together (right padding).
 
     Same numbers as calling :func:`score_text` on each text (up to float rounding of batched
@@ -184,6 +192,7 @@ def score_texts(lm: LoadedLM, texts: Sequence[str], *, context: int | None = Non
         context: longest window in tokens; default the model's max positions, capped at 1024.
         stride: how far each further window moves; default ``context // 2``.
         batch_size: windows per forward pass.
+        desc: what the progress bar on stderr says (default: how many texts, and the model).
 
     Returns:
         One :class:`TextScore` per text, in order.
@@ -208,13 +217,14 @@ def score_texts(lm: LoadedLM, texts: Sequence[str], *, context: int | None = Non
             seq = ids
             scores.append(TextScore(n_bytes, len(ids), math.log(vocab)))
         windows.extend(sliding_windows(index, seq, context, stride))
-    for window, nll in zip(windows, _run_windows(lm, windows, batch_size), strict=True):
+    desc = desc or f"scoring {len(texts)} text{'s' if len(texts) != 1 else ''} with {label(lm.ref)}"
+    for window, nll in zip(windows, _run_windows(lm, windows, batch_size, desc), strict=True):
         scores[window.text].nll_nats += nll
     return scores
 
 
 def score_text(lm: LoadedLM, text: str, *, context: int | None = None, stride: int | None = None,
-               batch_size: int = 8) -> TextScore:
+               batch_size: int = 8, desc: str | None = None) -> TextScore:
     """Negative log-likelihood of ``text`` under ``lm``, with bits per byte and perplexity.
 
     The text is tokenised without special tokens. Its first token is scored given the tokenizer's
@@ -231,6 +241,7 @@ def score_text(lm: LoadedLM, text: str, *, context: int | None = None, stride: i
             capped at 1024.
         stride: how far each further window moves; default ``context // 2``.
         batch_size: windows per forward pass.
+        desc: what the progress bar on stderr says.
 
     Returns:
         The text's :class:`TextScore`.
@@ -242,7 +253,7 @@ def score_text(lm: LoadedLM, text: str, *, context: int | None = None, stride: i
         >>> s = score_text(lm, "def f(x):\\n    return x\\n")  # doctest: +SKIP
         >>> s.bits_per_byte, s.perplexity  # doctest: +SKIP
     """
-    return score_texts(lm, [text], context=context, stride=stride, batch_size=batch_size)[0]
+    return score_texts(lm, [text], context=context, stride=stride, batch_size=batch_size, desc=desc)[0]
 
 
 def read_text_file(path: str | Path) -> str:

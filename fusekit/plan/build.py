@@ -21,20 +21,29 @@ from pydantic import BaseModel, ValidationError
 
 from fusekit.arch import (
     LAYER_COUNT_KEYS,
+    MODULES,
+    block_of,
+    blocks_by_prefix,
     is_embedding,
     is_lm_head,
     layer_index,
+    module_of,
+    restack_config,
     role,
+    text_config,
     with_layer_index,
 )
+from fusekit.arch.config import Origin
 from fusekit.errors import CheckpointError, RecipeError, TensorMismatchError
-from fusekit.io.reader import CheckpointReader, refuse_float8_without_dtype
+from fusekit.io.reader import CheckpointReader, open_reader, refuse_float8_without_dtype
 from fusekit.io.refs import ResolvedModel, require_config, resolve_model
 from fusekit.io.tokenizer import check_tokenizer_files, resolve_chat_template
 from fusekit.ops import MergeMethod, get_method
 from fusekit.plan.graph import Plan, TensorInput, TensorTask
 from fusekit.recipe.params import ParameterScope
-from fusekit.recipe.schema import MergeRecipe, ParameterValue
+from fusekit.recipe.schema import MergeRecipe, ModelEntry, OutputModule, OutputSlice, ParameterValue
+from fusekit.vocab import align_readers
+from fusekit.vocab.align import plan_alignment, with_vocab_size
 
 log = logging.getLogger("fusekit")
 
@@ -56,6 +65,7 @@ class _Slice:
     base: str | None
     parameters: dict[str, ParameterValue] | None
     where: str  # for messages: "models" or "slices[2]"
+    module_parameters: dict[str, ParameterValue] | None = None  # the parameters of its modules: entry
 
     @property
     def length(self) -> int:
@@ -77,26 +87,40 @@ def read_config(model: ResolvedModel) -> dict[str, Any]:
 
 
 def count_layers(config: dict[str, Any], reader: CheckpointReader) -> int:
-    """Number of blocks, from the config or else from the tensor names."""
+    """Number of the language model's blocks, from the config (its ``text_config`` in a
+    vision-language model) or else from the tensor names."""
+    counted = text_config(config)
     for key in LAYER_COUNT_KEYS:
-        if isinstance(config.get(key), int):
-            return int(config[key])
-    indices = [i for i in map(layer_index, reader.names()) if i is not None]
+        if isinstance(counted.get(key), int):
+            return int(counted[key])
+    text = [n for n in reader.names() if module_of(n) == "text_decoder"]
+    indices = [i for i in map(layer_index, text) if i is not None]
     return max(indices) + 1 if indices else 0
+
+
+def _is_text(name: str) -> bool:
+    return module_of(name) == "text_decoder"
+
+
+def _in_module(module: str) -> Callable[[str, _Source], bool]:
+    return lambda name, source: module_of(name) == module
 
 
 class PlanBuilder:
     """Builds a :class:`Plan`; holds the readers so headers are parsed once per file."""
 
     def __init__(self, recipe: MergeRecipe, *, recipe_text: str = "", allow_pickle: bool = False,
-                 models: dict[str, ResolvedModel] | None = None) -> None:
+                 models: dict[str, ResolvedModel] | None = None, allow_crimes: bool = False) -> None:
         self.recipe = recipe
         self.recipe_text = recipe_text
         self.method: MergeMethod = get_method(recipe.merge_method)
         refs = recipe.model_refs()
-        self.models = models or {ref: resolve_model(ref, allow_pickle=allow_pickle) for ref in refs}
-        self.readers = {ref: CheckpointReader(model) for ref, model in self.models.items()}
+        self.models = models or {ref: resolve_model(ref, allow_pickle=allow_pickle, base=recipe.base_model)
+                                 for ref in refs}
+        self.readers = {ref: open_reader(model) for ref, model in self.models.items()}
         self.configs = {ref: read_config(model) for ref, model in self.models.items()}
+        if not allow_crimes:
+            self._refuse_crimes()
         self.donor = recipe.base_model or refs[0] if refs else ""
         if recipe.base_model is None and recipe.models:
             self.donor = recipe.models[0].model
@@ -108,22 +132,56 @@ class PlanBuilder:
             require_config(self.models[self.donor], "the output's config.json is copied from it")
         if self.compute_dtype is None:
             refuse_float8_without_dtype(self.readers.values())
+        self.vocab = plan_alignment(recipe, self.models, self.configs, self.readers, donor=self.donor,
+                                    dtype=self.compute_dtype, source_model=self._tokenizer_source())
+        self.readers = align_readers(self.readers, self.vocab)
 
+    def _refuse_crimes(self) -> None:
+        """Models of different types or architectures are refused, as mergekit does without
+        ``--allow-crimes``: matching tensor names do not make the weights mean the same."""
+        kinds = {ref: (c.get("model_type"), c.get("architectures")) for ref, c in self.configs.items() if c}
+        if not kinds:
+            return
+        first_ref, first = next(iter(kinds.items()))
+        for ref, kind in kinds.items():
+            if kind != first:
+                raise TensorMismatchError(
+                    f"models '{first_ref}' ({_kind(first)}) and '{ref}' ({_kind(kind)}) have different "
+                    "architectures; pass --allow-crimes (allow_crimes=True) to merge them anyway")
+
+    def _text_part(self) -> tuple[list[ModelEntry] | None, list[OutputSlice] | None, OutputModule | None]:
+        """The language model's ``models`` or ``slices``: the recipe's, or its ``text_decoder``
+        module's (with that module entry)."""
+        modules = self.recipe.modules
+        if modules is None:
+            return self.recipe.models, self.recipe.slices, None
+        unknown = sorted(set(modules) - set(MODULES))
+        if unknown:
+            raise RecipeError(f"modules: unknown module '{unknown[0]}'; the modules are {', '.join(MODULES)}")
+        text = modules.get("text_decoder")
+        if text is None:
+            raise RecipeError("modules: 'text_decoder' is missing; give the language model's slices or "
+                              "models there")
+        return text.models, text.slices, text
     # -- slices -------------------------------------------------------------------------------
 
     def slices(self) -> list[_Slice]:
         recipe = self.recipe
-        if recipe.slices is None:
-            return [self._implicit_slice()]
+        models, slices, module = self._text_part()
+        where, module_parameters = ("modules.text_decoder.", module.parameters) if module else ("", None)
+        if slices is None:
+            return [self._implicit_slice(models or [], module_parameters, f"{where}models")]
         result = []
-        for i, out_slice in enumerate(recipe.slices):
+        for i, out_slice in enumerate(slices):
             sources = tuple(_Source(s.model, *s.layer_range, s.parameters) for s in out_slice.sources)
             result.append(self._checked(_Slice(sources, out_slice.base_model or recipe.base_model,
-                                               out_slice.parameters, f"slices[{i}]")))
+                                               out_slice.parameters, f"{where}slices[{i}]",
+                                               module_parameters)))
         return result
 
-    def _implicit_slice(self) -> _Slice:
-        entries = [(m.model, m.parameters) for m in self.recipe.models or []]
+    def _implicit_slice(self, models: list[ModelEntry], module_parameters: dict[str, ParameterValue] | None,
+                        where: str) -> _Slice:
+        entries = [(m.model, m.parameters) for m in models]
         base = self.recipe.base_model
         if base is not None and base not in {ref for ref, _ in entries}:
             entries.append((base, None))
@@ -133,7 +191,7 @@ class PlanBuilder:
             raise TensorMismatchError(f"the models have different numbers of layers ({listing}); "
                                       "use 'slices' with layer_range to choose layers")
         sources = tuple(_Source(ref, 0, counts[ref], params) for ref, params in entries)
-        return self._checked(_Slice(sources, base, None, "models"))
+        return self._checked(_Slice(sources, base, None, where, module_parameters))
 
     def _checked(self, out_slice: _Slice) -> _Slice:
         refs = [s.model for s in out_slice.sources]
@@ -158,34 +216,39 @@ class PlanBuilder:
         slices = self.slices()
         tasks: list[TensorTask] = []
         first, last = slices[0], slices[-1]
-        pre = self._shared_names(first, lambda name, source: role(name) == "pre")
+        pre = self._shared_names(first, lambda name, source: role(name) == "pre" and _is_text(name))
         tasks += [self._task(name, [(s, name) for s in first.sources], first, 0.0) for name in pre]
-        out_layer = 0
+        origins: list[Origin] = []
         for out_slice in slices:
             for i in range(out_slice.length):
                 t = i / (out_slice.length - 1) if out_slice.length > 1 else 1.0
-                tasks += self._layer_tasks(out_slice, i, out_layer, t)
-                out_layer += 1
+                tasks += self._layer_tasks(out_slice, i, len(origins), t)
+                source = out_slice.sources[0]
+                origins.append((self.configs[source.model], source.start + i))
+        tasks += self._module_tasks(first)
         # mergekit pairs the last slice's sources with as many weights as the first slice has
         # sources, so only that many feed the final norm and head; the same here, for parity.
         post_slice = replace(last, sources=last.sources[:len(first.sources)])
         tasks += self._post_tasks(post_slice)
         self._check_unique([task.output for task in tasks])
+        vocab = None
+        if self.vocab is not None:  # embeddings and heads permuted into the output vocabulary
+            tasks, vocab = self.vocab.attach(tasks, first_base=first.base, last_base=last.base)
         tokenizer_source = self._tokenizer_source()
         if tokenizer_source is not None:
             check_tokenizer_files(tokenizer_source.folder)
         writes_head = any(is_lm_head(task.output) for task in tasks)
         return Plan(recipe=self.recipe, recipe_text=self.recipe_text, models=self.models,
                     donor=self.donor, tasks=tuple(tasks),
-                    out_config=self._out_config(out_layer if self.recipe.slices else None,
-                                                untie=writes_head),
-                    tokenizer_source=tokenizer_source,
+                    out_config=with_vocab_size(self._out_config(origins if self._text_part()[1] else None,
+                                                                untie=writes_head), vocab),
+                    tokenizer_source=tokenizer_source, vocab=vocab,
                     chat_template=resolve_chat_template(self.recipe.chat_template, tokenizer_source))
 
     def _layer_tasks(self, out_slice: _Slice, i: int, out_layer: int, t: float) -> list[TensorTask]:
         first = out_slice.sources[0]
-        names = self._shared_names(out_slice, lambda name, source: layer_index(name) == source.start + i,
-                                   lambda name: with_layer_index(name, 0))
+        names = self._shared_names(out_slice, lambda name, source: layer_index(name) == source.start + i
+                                   and _is_text(name), lambda name: with_layer_index(name, 0))
         if not names:
             raise TensorMismatchError(f"model '{first.model}' has no tensors for layer "
                                       f"{first.start + i}; check layer_range")
@@ -196,7 +259,8 @@ class PlanBuilder:
         return tasks
 
     def _post_tasks(self, last: _Slice) -> list[TensorTask]:
-        post = self._shared_names(last, lambda name, source: role(name) == "post" and not is_lm_head(name))
+        post = self._shared_names(last, lambda name, source: role(name) == "post" and not is_lm_head(name)
+                                  and _is_text(name))
         tasks = [self._task(name, [(s, name) for s in last.sources], last, 0.0) for name in post]
         # An LM head is written when any input has one; tied inputs give their embedding.
         heads = {n for s in last.sources for n in self.readers[s.model].names() if is_lm_head(n)}
@@ -204,6 +268,39 @@ class PlanBuilder:
             inputs = [(s, self._head_or_embedding(s.model, head)) for s in last.sources]
             tasks.append(self._task(head, inputs, last, 0.0))
         return tasks
+
+    def _module_tasks(self, first: _Slice) -> list[TensorTask]:
+        """The other modules' tensors (vision tower, projector): merged whole with the models a
+        ``models:`` recipe (or the module's own entry) lists, else copied from the base."""
+        tasks = []
+        modules = sorted({module_of(n) for n in self.readers[self.donor].names()} - {"text_decoder"})
+        for module in modules:
+            out_slice, method = self._module_slice(module, first)
+            names = self._shared_names(out_slice, _in_module(module))
+            counts = {prefix: max(indices) + 1 for prefix, indices in blocks_by_prefix(names).items()}
+            for name in names:
+                block = block_of(name)
+                n = counts[block[0]] if block else 1
+                t = (block[1] / (n - 1) if n > 1 else 1.0) if block else 0.0
+                tasks.append(self._task(name, [(s, name) for s in out_slice.sources], out_slice, t, method))
+        return tasks
+
+    def _module_slice(self, module: str, first: _Slice) -> tuple[_Slice, MergeMethod | None]:
+        entry = (self.recipe.modules or {}).get(module)
+        if entry is not None and entry.slices:
+            raise RecipeError(f"modules.{module}: slices of a {module} are not supported; merge it "
+                              "whole with 'models:', or leave it out to copy the base model's")
+        if entry is not None:
+            base = self.recipe.base_model
+            entries = [(m.model, m.parameters) for m in entry.models or []]
+            if base is not None and base not in {ref for ref, _ in entries}:
+                entries.append((base, None))
+            sources = tuple(_Source(ref, 0, 0, params) for ref, params in entries)
+            return self._checked(_Slice(sources, base, None, f"modules.{module}", entry.parameters)), None
+        if self.recipe.modules is None and self.recipe.models is not None:
+            return first, None
+        copy = _Slice((_Source(self.donor, 0, 0, None),), None, None, module)
+        return copy, get_method("passthrough")
 
     def _shared_names(self, out_slice: _Slice, selects: Callable[[str, _Source], bool],
                       key: Callable[[str], str] = lambda name: name) -> list[str]:
@@ -236,7 +333,13 @@ class PlanBuilder:
         return embeddings[0]
 
     def _task(self, output: str, inputs: Sequence[tuple[_Source, str]], out_slice: _Slice,
-              t: float) -> TensorTask:
+              t: float, method: MergeMethod | None = None) -> TensorTask:
+        if method is not None:  # another method for this tensor: a copy of the base's
+            saved, self.method = self.method, method
+            try:
+                return self._task(output, inputs, out_slice, t)
+            finally:
+                self.method = saved
         infos = [TensorInput(s.model, name, *self._shape_dtype(s.model, name)) for s, name in inputs]
         self._check_shapes(output, infos)
         scope = self._scope(out_slice)
@@ -278,7 +381,7 @@ class PlanBuilder:
         for source in out_slice.sources:
             if source.parameters:
                 per_model.setdefault(source.model, []).append(source.parameters)
-        shared = [p for p in (out_slice.parameters, self.recipe.parameters) if p]
+        shared = [p for p in (out_slice.parameters, out_slice.module_parameters, self.recipe.parameters) if p]
         return ParameterScope(per_model=per_model, shared=shared)
 
     def _model_params(self, scope: ParameterScope, model: str, name: str, t: float) -> BaseModel:
@@ -319,8 +422,12 @@ class PlanBuilder:
 
     # -- files beside the weights -------------------------------------------------------------
 
-    def _out_config(self, num_layers: int | None, *, untie: bool) -> dict[str, Any]:
+    def _out_config(self, origins: list[Origin] | None, *, untie: bool) -> dict[str, Any]:
+        """The donor's config, with the layers the slices stacked (``origins``: each output layer's
+        source config and layer, None when the layers are the inputs') and the output dtype."""
         config = dict(self.configs[self.donor])
+        if origins is not None:
+            config = restack_config(config, origins)
         if untie and config.get("tie_word_embeddings"):
             # The merged head differs from the merged embedding; a tied config would discard it.
             log.warning("the base config ties the LM head to the embeddings, but other models have "
@@ -332,22 +439,22 @@ class PlanBuilder:
             # transformers 5 writes "dtype"; configs saved by older versions say "torch_dtype"
             key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
             config[key] = dtype
-        if num_layers is not None:
-            key = next((k for k in LAYER_COUNT_KEYS if k in config), "num_hidden_layers")
-            config[key] = num_layers
         return config
 
     def _tokenizer_source(self) -> ResolvedModel | None:
         recipe = self.recipe
         source = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
-        if source in (None, "base"):
+        if source in (None, "base", "union"):  # a union starts from the base's tokenizer files
             return self.models[self.donor]
-        if source == "union":
-            raise RecipeError("tokenizer_source: 'union' (building a merged vocabulary) is not "
-                              "supported yet; use 'base' or name one model's tokenizer")
         if source in self.models:
             return self.models[source]
         return resolve_model(source)
+
+
+def _kind(kind: tuple[Any, Any]) -> str:
+    model_type, architectures = kind
+    names = ", ".join(map(str, architectures)) if isinstance(architectures, list) else architectures
+    return f"model_type {model_type}, architectures {names}"
 
 
 def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
@@ -357,7 +464,8 @@ def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
     return result
 
 
-def build_plan(recipe: MergeRecipe, *, recipe_text: str = "", allow_pickle: bool = False) -> Plan:
+def build_plan(recipe: MergeRecipe, *, recipe_text: str = "", allow_pickle: bool = False,
+               allow_crimes: bool = False) -> Plan:
     """Resolve models, read their headers and configs, and plan every output tensor.
 
     Reads no tensor data: shapes and dtypes come from the checkpoints' headers.
@@ -366,6 +474,8 @@ def build_plan(recipe: MergeRecipe, *, recipe_text: str = "", allow_pickle: bool
         recipe: a validated merge recipe.
         recipe_text: its YAML as written (copied into the output and its lock).
         allow_pickle: accept ``.bin``/``.pt`` inputs (loaded with ``weights_only=True``).
+        allow_crimes: merge models whose ``model_type`` or ``architectures`` differ (refused
+            otherwise, as mergekit does without ``--allow-crimes``).
 
     Returns:
         The plan: one task per output tensor, in write order, and the output config.
@@ -381,4 +491,5 @@ def build_plan(recipe: MergeRecipe, *, recipe_text: str = "", allow_pickle: bool
         >>> len(build_plan(recipe).tasks)  # doctest: +SKIP
         21
     """
-    return PlanBuilder(recipe, recipe_text=recipe_text, allow_pickle=allow_pickle).build()
+    return PlanBuilder(recipe, recipe_text=recipe_text, allow_pickle=allow_pickle,
+                       allow_crimes=allow_crimes).build()

@@ -23,15 +23,24 @@ from fusekit.errors import FusekitError, TensorMismatchError
 from fusekit.io.buffers import BufferPool
 from fusekit.io.journal import OutputGuard
 from fusekit.io.layout import TensorSpec
-from fusekit.io.reader import CheckpointReader
+from fusekit.io.reader import open_reader
 from fusekit.io.writer import ShardWriter
 from fusekit.ops import MergeInputs, get_method
 from fusekit.ops.registry import BlockwiseMerge, TensorContext
 from fusekit.plan.graph import Plan, TaskGraph, TensorTask
-from fusekit.plan.memory import WorkUnit, held_budget, idle_limit, peak_rss_bytes, split_units, working_budget
+from fusekit.plan.memory import (
+    WorkUnit,
+    held_budget,
+    idle_limit,
+    peak_rss_bytes,
+    split_units,
+    vocab_reserved,
+    working_budget,
+)
 from fusekit.plan.pipeline import UnitSteps, run_pipelined, run_sequential
 from fusekit.plan.process import merge_settings
 from fusekit.version import __version__
+from fusekit.vocab import align_readers
 
 log = logging.getLogger("fusekit")
 
@@ -84,14 +93,15 @@ class Executor:
         self.max_shard_bytes = max_shard_bytes
         self.progress = progress
         self.pipelined = pipelined
-        self.budget = working_budget(max_memory)
+        self.budget = vocab_reserved(plan, working_budget(max_memory))
         self.units = [u for u in split_units(self.graph, self.budget)
                       if guard is None or not guard.skip(u.task.output)]
         self.pool = BufferPool(idle_limit(self.units, self.budget), pinned=device.type == "cuda")
         # Merges whose tensors can all be cut into row blocks stream memory; whole-tensor kernels
         # with many large temporaries (SCE, model_stock, ...) run faster with glibc reusing its heap.
         self.streaming = all(get_method(task.method).splits_rows for task in self.graph.tasks)
-        self.readers = {ref: CheckpointReader(model) for ref, model in self.graph.models.items()}
+        self.readers = {ref: open_reader(model) for ref, model in self.graph.models.items()}
+        self.readers = align_readers(self.readers, plan.vocab if isinstance(plan, Plan) else None)
         self._warned_large = False
         self._blockwise: dict[str, BlockwiseMerge] = {}  # tensors part way through their passes
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from fusekit.io.refs import ResolvedModel
 from fusekit.recipe.schema import MergeRecipe
+from fusekit.vocab.align import VocabAlignment
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,8 @@ class Plan:
         out_config: config.json for the output.
         tokenizer_source: the model whose tokenizer files are copied.
         chat_template: a template to install in the output's tokenizer, or None to keep its own.
+        vocab: how embeddings and LM heads are permuted into the output vocabulary (tokenizer
+            surgery), or None when they are read as stored.
     """
 
     recipe: MergeRecipe
@@ -198,6 +201,7 @@ class Plan:
     out_config: dict[str, Any]
     tokenizer_source: ResolvedModel | None
     chat_template: str | None = None
+    vocab: VocabAlignment | None = None
 
     @property
     def graph(self) -> TaskGraph:

@@ -13,7 +13,9 @@ run keeps. Nothing here reads tensor data or starts a thread.
 from __future__ import annotations
 
 import logging
+import math
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -43,12 +45,15 @@ class WorkUnit:
         rows: the block of rows, or None for the whole tensor.
         stage: which pass over the tensor this unit belongs to.
         passes: how many statistics passes the tensor's method makes (0: none).
+        delta_bytes: what reading the task's inputs through LoRA adapters holds besides the read
+            buffers: the whole tensor's ΔW in float32 (kept across its row blocks), one read at a time.
     """
 
     task: TensorTask
     rows: tuple[int, int] | None = None
     stage: int = 0
     passes: int = 0
+    delta_bytes: int = 0  # float32 ΔW (and DoRA's whole base) a LoRA adapter's read holds
 
     @property
     def writes(self) -> bool:
@@ -161,19 +166,38 @@ def split_units(plan: TaskGraph | Plan, budget: int | None) -> list[WorkUnit]:
         The units, tasks in plan order; a blockwise tensor's units in stage, then row, order.
     """
     units: list[WorkUnit] = []
+    deltas = _adapter_deltas(plan)
     for task in plan.tasks:
+        delta = deltas(task)
         target = budget // UNITS_IN_FLIGHT if budget else None
         rows = task.shape[0] if len(task.shape) > 1 else 0
         passes = stats_passes(task)
         if (target is None or task.working_bytes() <= target or rows < 2 or passes is None
                 or not task.compute_dtype.is_floating_point):
-            units.append(WorkUnit(task))
+            units.append(WorkUnit(task, delta_bytes=delta))
             continue
         per_row = max(1, task.working_bytes(1))
         step = max(1, min(rows, target // per_row))
         blocks = [(r, min(rows, r + step)) for r in range(0, rows, step)]
-        units += [WorkUnit(task, block, stage, passes) for stage in range(passes + 1) for block in blocks]
+        units += [WorkUnit(task, block, stage, passes, delta)
+                  for stage in range(passes + 1) for block in blocks]
     return units
+
+
+def _adapter_deltas(plan: TaskGraph | Plan) -> Callable[[TensorTask], int]:
+    """task → :attr:`WorkUnit.delta_bytes`, from the adapters' and bases' headers."""
+    adapted = {ref: model for ref, model in plan.models.items() if model.adapter is not None}
+    if not adapted:
+        return lambda task: 0
+    from fusekit.io.reader import CheckpointReader
+    from fusekit.lora.layout import delta_bytes
+
+    infos = {}
+    for ref, model in adapted.items():
+        with CheckpointReader(model) as reader:
+            infos[ref] = reader.infos
+    return lambda task: sum(delta_bytes(adapted[i.model], infos[i.model], i.name)
+                            for i in task.all_inputs if i.model in adapted)
 
 
 def stats_passes(task: TensorTask) -> int | None:
@@ -201,7 +225,7 @@ def held_budget(units: list[WorkUnit], budget: int | None) -> int | None:
     if budget is None:
         return None
     reserved = max((u.transient_bytes for u in units), default=0) + idle_limit(units, budget)
-    return max(1, budget - reserved)
+    return max(1, budget - reserved - max((u.delta_bytes for u in units), default=0))
 
 
 def idle_limit(units: list[WorkUnit], budget: int | None) -> int:
@@ -228,6 +252,7 @@ def peak_working_bytes(units: list[WorkUnit], budget: int | None) -> int:
         Bytes.
     """
     transient = max((u.transient_bytes for u in units), default=0)
+    transient += max((u.delta_bytes for u in units), default=0)
     limit = held_budget(units, budget)
     if limit is None:
         return max((u.working_bytes for u in units), default=0) + idle_limit(units, budget)
@@ -256,6 +281,23 @@ def memory_estimate(plan: TaskGraph | Plan, max_memory: int | None) -> tuple[int
         >>> peak, baseline, working = memory_estimate(fusekit.plan_merge("r.yaml"), 10**9)  # doctest: +SKIP
     """
     baseline = current_rss_bytes()
-    budget = working_budget(max_memory)
-    working = peak_working_bytes(split_units(plan, budget), budget)
+    budget = vocab_reserved(plan, working_budget(max_memory))
+    working = peak_working_bytes(split_units(plan, budget), budget) + vocab_buffer_bytes(plan)
     return baseline + working, baseline, working
+
+
+def vocab_buffer_bytes(plan: TaskGraph | Plan) -> int:
+    """Bytes a plan's vocabulary alignment keeps while the run lasts (filled and padding rows of
+    its embeddings and LM heads; see :meth:`fusekit.vocab.VocabAlignment.buffer_bytes`); 0 without one.
+    """
+    if not isinstance(plan, Plan) or plan.vocab is None:
+        return 0
+    row = max((math.prod(t.shape[1:]) for t in plan.tasks if t.output in plan.vocab.groups), default=0)
+    return plan.vocab.buffer_bytes(row)
+
+
+def vocab_reserved(plan: TaskGraph | Plan, budget: int | None) -> int | None:
+    """``budget`` less :func:`vocab_buffer_bytes` (at least :data:`MIN_WORKING_BYTES`)."""
+    if budget is None:
+        return None
+    return max(MIN_WORKING_BYTES, budget - vocab_buffer_bytes(plan))

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from fusekit.errors import RecipeError
 from fusekit.io.userfiles import RECIPE_LIMIT, UserFileError, read_user_text
+from fusekit.recipe.kind import other_kind_error
 
 Location = tuple[str | int, ...]
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -131,18 +132,48 @@ _CountingLoader.add_implicit_resolver(
 
 
 def parse_yaml(text: str, name: str) -> tuple[Any, RecipeSource]:
-    """Parse YAML text safely; return the data and the line marks of every value."""
+    """Parse YAML text holding one document safely; return the data and the line marks of every value.
+
+    A file of several documents (``---``) is refused with a line saying where the second starts: only
+    merge recipes may hold several (stages, see :mod:`fusekit.recipe.stages`).
+    """
+    documents = parse_yaml_documents(text, name)
+    if not documents:
+        raise RecipeError(f"{name}: the recipe is empty; see configs/ for examples")
+    if len(documents) > 1:
+        line = documents[1][1].marks.get((), (1, 1))[0]
+        raise RecipeError(f"{name}:{line}:1 a second YAML document starts here ('---'); only `fusekit "
+                          "merge` and `fusekit plan` take multi-stage recipes, keep one document")
+    data, source = documents[0]
+    if not isinstance(data, dict):
+        raise RecipeError(f"{name}:1:1 a recipe must be a mapping of keys such as merge_method and "
+                          f"models, got {type(data).__name__}")
+    return data, source
+
+
+def parse_yaml_documents(text: str, name: str) -> list[tuple[Any, RecipeSource]]:
+    """Parse every YAML document of ``text`` (separated by ``---``) safely; empty ones are skipped.
+
+    Returns:
+        (data, source) per document, in file order; every document's line marks count from the top
+        of the file, and ``source.marks[()]`` is where the document starts.
+
+    Raises:
+        RecipeError: malformed YAML, a duplicate key, or an alias bomb, naming the file and line.
+    """
     try:
         loader = _CountingLoader(text)
     except yaml.YAMLError as exc:  # the reader refuses control characters before parsing starts
         raise RecipeError(f"{name}: malformed YAML: {str(exc).splitlines()[0]}") from None
+    documents: list[tuple[Any, RecipeSource]] = []
+    marks: dict[Location, tuple[int, int]] = {}
     try:
-        node = loader.get_single_node()
-        if node is None:
-            raise RecipeError(f"{name}: the recipe is empty; see configs/ for examples")
-        marks: dict[Location, tuple[int, int]] = {}
-        _collect_marks(node, (), marks, [0])
-        data = loader.construct_document(node)
+        while loader.check_node():
+            node, marks = loader.get_node(), {}
+            _collect_marks(node, (), marks, [0])
+            data = loader.construct_document(node)
+            if data is not None:
+                documents.append((data, RecipeSource(name, marks)))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
@@ -156,10 +187,7 @@ def parse_yaml(text: str, name: str) -> tuple[Any, RecipeSource]:
         raise RecipeError(f"{name}: the YAML nests too deeply; a recipe needs only a few levels") from None
     finally:
         loader.dispose()
-    if not isinstance(data, dict):
-        raise RecipeError(f"{name}:1:1 a recipe must be a mapping of keys such as merge_method and "
-                          f"models, got {type(data).__name__}")
-    return data, RecipeSource(name, marks)
+    return documents
 
 
 def _model_class_in(annotation: Any) -> type[BaseModel] | None:
@@ -213,7 +241,7 @@ def _describe(root: type[BaseModel], data: Any, error: Any, source: RecipeSource
         key = str(error["loc"][-1])
         model = _model_at(root, path[:-1])
         fields = model.model_fields if model else {}
-        message = f"unknown key '{key}'{suggest(key, fields)}"
+        message = f"unknown key {short_repr(key)}{suggest(key, fields)}"
     elif error["type"] == "missing":
         path = _data_path(data, error["loc"][:-1])
         message = f"required key '{error['loc'][-1]}' is missing"
@@ -225,27 +253,64 @@ def _describe(root: type[BaseModel], data: Any, error: Any, source: RecipeSource
 
 def validate(root: type[ModelT], data: Any, source: RecipeSource,
              checks: Callable[[ModelT], list[tuple[Location, str]]] | None = None) -> ModelT:
-    """Validate ``data`` as ``root``; every problem in one :class:`RecipeError`, one line each."""
+    """Validate ``data`` as ``root``; every problem in one :class:`RecipeError` (see :func:`join_problems`).
+
+    A recipe of another kind (an MoE recipe given to the merge loader, say) is one line naming the
+    command that reads it (:mod:`fusekit.recipe.kind`), not a list of unknown and missing keys.
+    """
+    wrong = other_kind_error(data, root.model_fields, source.name)
+    if wrong is not None:
+        raise RecipeError(f"{source.where(wrong[0])} {wrong[1]}")
     try:
         recipe = root.model_validate(data)
     except ValidationError as exc:
         lines = [_describe(root, data, err, source) for err in exc.errors()]
-        raise RecipeError(_join(lines)) from None
+        raise RecipeError(join_problems(lines, source.name)) from None
     problems = checks(recipe) if checks else []
     if problems:
         lines = []
         for loc, message in problems:
             label = format_location(loc)
             lines.append(f"{source.where(loc)} {label + ': ' if label else ''}{message}")
-        raise RecipeError(_join(lines))
+        raise RecipeError(join_problems(lines, source.name))
     return recipe
 
 
-def _join(lines: list[str]) -> str:
-    unique = list(dict.fromkeys(lines))
+MAX_LISTED_PROBLEMS = 20
+"""Problems listed one per line at most; the rest are counted."""
+
+
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines splits on
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every character that would break it into lines (a key may hold any) escaped."""
+    return "".join(ascii(c)[1:-1] if c in _LINE_BREAKS else c for c in text)
+
+
+def join_problems(lines: list[str], name: str) -> str:
+    """One problem as its line; several as a first line counting them, then one per line in file order.
+
+    Example:
+        >>> print(join_problems(["r.yaml:2:1 a: bad", "r.yaml:3:1 b: bad"], "r.yaml"))
+        2 problems in r.yaml:
+          r.yaml:2:1 a: bad
+          r.yaml:3:1 b: bad
+    """
+    unique = list(dict.fromkeys(_one_line(line) for line in lines))
     if len(unique) == 1:
         return unique[0]
-    return f"{len(unique)} problems: " + " | ".join(unique)
+    position = re.compile(re.escape(name) + r":(\d+):(\d+) ")
+
+    def where(line: str) -> tuple[int, int]:
+        found = position.match(line)
+        return (int(found[1]), int(found[2])) if found else (0, 0)
+
+    unique.sort(key=where)
+    shown = [f"  {line}" for line in unique[:MAX_LISTED_PROBLEMS]]
+    if len(unique) > MAX_LISTED_PROBLEMS:
+        shown.append(f"  ... and {len(unique) - MAX_LISTED_PROBLEMS} more; fix these and run again")
+    return f"{len(unique)} problems in {name}:\n" + "\n".join(shown)
 
 
 def load_recipe(path: Path | str, root: type[ModelT],

@@ -6,13 +6,31 @@ and send each query to its model.
 and ``hidden``/``embedding`` features; ``tfidf`` features with ``given`` labels need only torch.
 """
 
-from fusekit.route.build import BuildResult, build_router
-from fusekit.route.data import Example, RouteDataError, load_examples
-from fusekit.route.evaluate import EvalReport, evaluate_router
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from fusekit.route.recipe import RouteRecipe, load_route_recipe, parse_route_recipe
-from fusekit.route.router import Decision, Router, RouterFolderError, load_router
-from fusekit.route.run import RunResult, run_router
+
+if TYPE_CHECKING:
+    from fusekit.route.build import BuildResult, build_router
+    from fusekit.route.data import Example, RouteDataError, load_examples
+    from fusekit.route.evaluate import EvalReport, evaluate_router
+    from fusekit.route.router import Decision, Router, RouterFolderError, load_router
+    from fusekit.route.run import RunResult, run_router
 
 __all__ = ["BuildResult", "Decision", "EvalReport", "Example", "RouteDataError", "RouteRecipe", "Router",
            "RouterFolderError", "RunResult", "build_router", "evaluate_router", "load_examples",
            "load_route_recipe", "load_router", "parse_route_recipe", "run_router"]
+
+_LAZY = {"BuildResult": "build", "build_router": "build", "Example": "data", "RouteDataError": "data",
+         "load_examples": "data", "EvalReport": "evaluate", "evaluate_router": "evaluate",
+         "Decision": "router", "Router": "router", "RouterFolderError": "router", "load_router": "router",
+         "RunResult": "run", "run_router": "run"}
+
+
+def __getattr__(name: str) -> Any:  # routers, features and data load torch: only on first use
+    if name in _LAZY:
+        return getattr(import_module(f"fusekit.route.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'fusekit.route' has no attribute '{name}'")

@@ -14,6 +14,7 @@ import torch
 from fusekit.io.outputs import claim_output, model_inputs
 from fusekit.io.refs import ResolvedModel, resolve_model
 from fusekit.io.writer import atomic_output, check_output_folder
+from fusekit.progress import bar, steps
 from fusekit.recipe.load import read_recipe_text
 from fusekit.route.calibration import calibrate_on_queries, read_queries
 from fusekit.route.data import Example, load_examples
@@ -88,7 +89,8 @@ def out_of_fold(spec: RouterSpec, x: torch.Tensor, y: torch.Tensor, n_models: in
                 parts: Sequence[Sequence[int]], seed: int) -> torch.Tensor:
     """``(n, n_models)`` probabilities for each example from a router trained without its part."""
     q = torch.zeros(x.shape[0], n_models)
-    for index, part in enumerate(parts):
+    for index, part in enumerate(bar(parts, desc=f"calibrating: {len(parts)}-fold cross-validation",
+                                     unit="fold")):
         held = list(part)
         keep = torch.ones(x.shape[0], dtype=torch.bool)
         keep[held] = False
@@ -98,7 +100,7 @@ def out_of_fold(spec: RouterSpec, x: torch.Tensor, y: torch.Tensor, n_models: in
 
 
 def make_labels(recipe: RouteRecipe, examples: list[Example], order: list[int], *, device: str,
-                data: str) -> tuple[torch.Tensor, Scores | None]:
+                data: str, use_cache: bool = True) -> tuple[torch.Tensor, Scores | None]:
     """``(n,)`` best-model indices for ``examples``, and the scores behind them (None for given)."""
     names = recipe.names
     if len(names) == 1:
@@ -106,7 +108,8 @@ def make_labels(recipe: RouteRecipe, examples: list[Example], order: list[int], 
     if recipe.labels.method == "given":
         return given_labels(examples, names, data), None
     scores = score_matrix([m.model for m in recipe.models], examples, device=device,
-                          batch_size=recipe.labels.batch_size, context=recipe.labels.context)
+                          batch_size=recipe.labels.batch_size, context=recipe.labels.context,
+                          use_cache=use_cache)
     if recipe.labels.method == "pairwise":
         return pairwise_labels(scores, recipe.labels.margin), scores
     return loss_labels(scores, order), scores
@@ -140,13 +143,14 @@ def _calibrate(parsed: RouteRecipe, router: Router, examples: list[Example], x: 
     return calibration
 
 
-def _labels_in_cost_order(parsed: RouteRecipe, examples: list[Example], *, device: str
+def _labels_in_cost_order(parsed: RouteRecipe, examples: list[Example], *, device: str, use_cache: bool
                           ) -> tuple[torch.Tensor, Scores | None, torch.Tensor, list[int]]:
     """The best-model labels, the scores behind them, each model's label count (float64) and the
     models' cost order (equal costs: fewer wins first; loss labels then give ties to the cheaper)."""
     costs = [m.cost for m in parsed.models]
     provisional = cost_order(costs, [0.0] * len(costs))
-    labels, scores = make_labels(parsed, examples, provisional, device=device, data=parsed.data)
+    labels, scores = make_labels(parsed, examples, provisional, device=device, data=parsed.data,
+                                 use_cache=use_cache)
     require_two_classes(labels, parsed.names, parsed.labels.method)
     counts = torch.bincount(labels, minlength=len(parsed.names)).double()
     order = cost_order(costs, (counts / counts.sum()).tolist())
@@ -156,7 +160,7 @@ def _labels_in_cost_order(parsed: RouteRecipe, examples: list[Example], *, devic
 
 
 def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-                 device: str = "cpu") -> BuildResult:
+                 device: str = "cpu", use_cache: bool = True) -> BuildResult:
     """Build the router a recipe describes and save it in ``out_dir`` (written atomically).
 
     Args:
@@ -164,6 +168,8 @@ def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = F
         out_dir: the router folder to write.
         overwrite: replace an existing non-empty ``out_dir``.
         device: where models run for labels and features (``cpu``, ``cuda``, ``auto``).
+        use_cache: take per-example scores from the score cache where the same model scored the
+            same text before, and save new ones (:mod:`fusekit.lm.score_cache`); False scores afresh.
 
     Returns:
         A :class:`BuildResult`: the folder, the router and the build's wall time.
@@ -188,13 +194,22 @@ def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = F
         inputs.append(("calibration data", Path(parsed.calibrate.data)))
     # Held for the whole build (minutes of scoring), so a second build aimed here refuses at once.
     with claim_output(out_dir, inputs=inputs, overwrite=overwrite, markers=ROUTER_MARKERS):
-        router = _fit(parsed, resolved, device=device)
+        router = _fit(parsed, resolved, device=device, use_cache=use_cache)
         with atomic_output(out_dir, overwrite=overwrite) as temp:
             save_router(router, temp, name=out_dir.name, recipe_text=read_recipe_text(recipe_path))
     return BuildResult(out_dir, router, time.perf_counter() - start)
 
 
-def _fit(parsed: RouteRecipe, resolved: Sequence[ResolvedModel], *, device: str) -> Router:
+def _folder_reference(model: ResolvedModel) -> str:
+    """The absolute reference a router falls back to when ``model``'s own stops resolving: its folder,
+    or ``base_folder+adapter_folder`` for a LoRA adapter."""
+    if model.adapter is None:
+        return str(model.folder.resolve())
+    return f"{model.folder.resolve()}+{model.adapter.folder.resolve()}"
+
+
+def _fit(parsed: RouteRecipe, resolved: Sequence[ResolvedModel], *, device: str,
+         use_cache: bool = True) -> Router:
     """Label the data, fit features and router, calibrate the threshold: the router to save."""
     names = parsed.names
     examples = load_examples(parsed.data, models=names)
@@ -202,14 +217,19 @@ def _fit(parsed: RouteRecipe, resolved: Sequence[ResolvedModel], *, device: str)
     calibration_queries = read_queries(calibration_data) if calibration_data is not None else None
     featurizer = make_featurizer(parsed.features, device=device)
     costs = [m.cost for m in parsed.models]
-    labels, scores, counts, order = _labels_in_cost_order(parsed, examples, device=device)
+    labels, scores, counts, order = _labels_in_cost_order(parsed, examples, device=device,
+                                                          use_cache=use_cache)
     strength = (counts / counts.sum()).tolist()
     queries = [e.query for e in examples]
     log.info("fitting %s features on %d queries", featurizer.kind, len(queries))
-    featurizer.fit(queries)
-    x = featurizer.transform(queries)
-    fitted = fit_router(parsed.router, x, labels, len(names), seed=parsed.seed)
-    models = [RoutedModel(name, m.model, str(r.folder.resolve()), m.cost, s)
+    with steps(f"training: {featurizer.kind} features and the router on {len(queries)} queries",
+               total=2, unit="step") as advance:
+        featurizer.fit(queries)
+        x = featurizer.transform(queries)
+        advance(1)
+        fitted = fit_router(parsed.router, x, labels, len(names), seed=parsed.seed)
+        advance(1)
+    models = [RoutedModel(name, m.model, _folder_reference(r), m.cost, s)
               for name, m, r, s in zip(names, parsed.models, resolved, strength, strict=True)]
     router = Router(models, featurizer, fitted, order, cheap_group(costs), DEFAULT_THRESHOLD,
                     torch.zeros(0))

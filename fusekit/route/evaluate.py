@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from fusekit.io.refs import split_adapter_ref
+from fusekit.progress import enabled as progress_enabled
 from fusekit.route.data import Example, load_examples
 from fusekit.route.labels import Scores, score_column, score_matrix
 from fusekit.route.policy import choose
@@ -89,6 +91,9 @@ class EvalReport:
     calibration: list[CalibrationRow]
     calibration_source: str | None = None  # the queries file the router was calibrated on, if any
     notes: list[str] = field(default_factory=list)
+    costs: dict[str, float] = field(default_factory=dict)  # model name → cost of one call
+    oracle_dear_share: float | None = None  # share of examples whose best model is a dearer one
+    oracle_mean_cost: float | None = None  # mean cost per call of always picking the best model
 
     @property
     def best_single(self) -> tuple[str, float]:
@@ -159,7 +164,8 @@ def mergeable_group(router: Router) -> list[int]:
     """The largest set (≥ 2) of the router's models sharing tokenizer and architecture."""
     groups: dict[tuple[str, str], list[int]] = {}
     for index, model in enumerate(router.models):
-        folder = Path(model.folder)
+        pair = split_adapter_ref(model.folder)  # base+adapter: the base's config and tokenizer
+        folder = Path(pair[0] if pair else model.folder)
         try:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -175,8 +181,8 @@ def mergeable_group(router: Router) -> list[int]:
 
 
 def uniform_merge_column(router: Router, group: Sequence[int], examples: Sequence[Example], *,
-                         device: str, batch_size: int,
-                         context: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                         device: str, batch_size: int, context: int | None,
+                         use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``group`` with equal weights (``fusekit.merge``, linear) in a temporary folder and score it.
 
     Returns:
@@ -189,9 +195,10 @@ def uniform_merge_column(router: Router, group: Sequence[int], examples: Sequenc
                          models=[ModelEntry(model=router.models[i].folder, parameters={"weight": 1.0})
                                  for i in group])
     with tempfile.TemporaryDirectory(prefix="fusekit-route-merge-") as tmp:
-        merge(recipe, Path(tmp) / "merged", random_seed=0)
+        merge(recipe, Path(tmp) / "merged", random_seed=0, progress=progress_enabled())
         return score_column(str(Path(tmp) / "merged"), examples, device=device, batch_size=batch_size,
-                            context=context)
+                            context=context, use_cache=use_cache,
+                            desc=f"scoring {len(examples)} examples with the uniform merge")
 
 
 def near_oracle(bpb: torch.Tensor, chosen: torch.Tensor) -> float:
@@ -212,14 +219,14 @@ def _table_row(router: Router, q: torch.Tensor, scores: Scores, oracle: torch.Te
 
 
 def _uniform_merge_bpb(router: Router, examples: Sequence[Example], *, device: str, batch_size: int,
-                       context: int | None) -> tuple[float | None, list[str]]:
+                       context: int | None, use_cache: bool) -> tuple[float | None, list[str]]:
     """Pooled bits per byte of a uniform merge of :func:`mergeable_group` and its models' names
     (None and [] when no two models can be merged)."""
     group = mergeable_group(router)
     if not group:
         return None, []
     nll, n_bytes = uniform_merge_column(router, group, examples, device=device, batch_size=batch_size,
-                                        context=context)
+                                        context=context, use_cache=use_cache)
     return float(nll.sum() / n_bytes.sum()), [router.models[i].name for i in group]
 
 
@@ -259,12 +266,13 @@ def _calibration_rows(router: Router, q: torch.Tensor, shares: Sequence[float] |
 
 
 def _merge_comparison(router: Router, examples: Sequence[Example], with_merge: bool, *, device: str,
-                      batch_size: int, context: int | None) -> tuple[float | None, list[str], list[str]]:
+                      batch_size: int, context: int | None,
+                      use_cache: bool) -> tuple[float | None, list[str], list[str]]:
     """The uniform merge's bits per byte, the models merged, and a note when none can be merged."""
     if not with_merge:
         return None, [], []
     merge_bpb, merge_names = _uniform_merge_bpb(router, examples, device=device, batch_size=batch_size,
-                                                context=context)
+                                                context=context, use_cache=use_cache)
     if merge_names:
         return merge_bpb, merge_names, []
     return None, [], ["no two models share tokenizer and architecture, so there is no uniform merge to "
@@ -274,7 +282,7 @@ def _merge_comparison(router: Router, examples: Sequence[Example], with_merge: b
 def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "cpu",
                     thresholds: Sequence[float] | None = None, shares: Sequence[float] | None = None,
                     with_merge: bool = True, batch_size: int = 8,
-                    context: int | None = None) -> EvalReport:
+                    context: int | None = None, use_cache: bool = True) -> EvalReport:
     """Score every model of the router on ``data`` and measure the router against them.
 
     Args:
@@ -289,6 +297,8 @@ def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "
             merge) and score the merge.
         batch_size: examples per forward pass when scoring.
         context: longest scoring window in tokens (default: the model's, at most 1024).
+        use_cache: take per-example scores from the score cache where the same model scored the
+            same text before, and save new ones (:mod:`fusekit.lm.score_cache`); False scores afresh.
 
     Returns:
         The :class:`EvalReport`.
@@ -304,14 +314,15 @@ def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "
     examples = load_examples(data, models=router.names)
     queries = [e.query for e in examples]
     scores = score_matrix([m.reference() for m in router.models], examples, device=device,
-                          batch_size=batch_size, context=context)
+                          batch_size=batch_size, context=context, use_cache=use_cache)
     bpb = scores.bits_per_byte
     oracle = bpb.argmin(1)
     q = router.probabilities(queries)
     chosen = choose(q, router.order, router.threshold)
     given, domain = _given_accuracies(router, examples, chosen)
     merge_bpb, merge_names, notes = _merge_comparison(router, examples, with_merge, device=device,
-                                                      batch_size=batch_size, context=context)
+                                                      batch_size=batch_size, context=context,
+                                                      use_cache=use_cache)
     rows = sorted(set(DEFAULT_THRESHOLDS if thresholds is None else thresholds) | {router.threshold})
     table = [_table_row(router, q, scores, oracle, t) for t in rows]
     calibration = _calibration_rows(router, q, shares, len(examples))
@@ -324,4 +335,13 @@ def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "
         routed=scores.pooled(chosen), oracle=scores.pooled(oracle),
         single={name: scores.pooled(torch.full_like(oracle, i)) for i, name in enumerate(router.names)},
         merge=merge_bpb, merge_models=merge_names, table=table, calibration=calibration,
-        calibration_source=router.info.get("calibration", {}).get("data"), notes=notes)
+        calibration_source=router.info.get("calibration", {}).get("data"), notes=notes,
+        **_oracle_costs(router, oracle))
+
+
+def _oracle_costs(router: Router, oracle: torch.Tensor) -> dict[str, Any]:
+    """The models' costs, and the dear-call share and mean cost of the oracle's choices ``oracle``."""
+    costs = torch.tensor([m.cost for m in router.models], dtype=torch.float64)
+    dear = torch.isin(oracle, torch.tensor(router.dear_indices(), dtype=torch.long))
+    return {"costs": dict(zip(router.names, costs.tolist(), strict=True)),
+            "oracle_dear_share": float(dear.double().mean()), "oracle_mean_cost": float(costs[oracle].mean())}

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from fusekit.errors import FusekitError
+from fusekit.progress import bar
 from fusekit.route.recipe import EmbeddingFeatures, HiddenFeatures, TfidfFeatures
 
 MAX_QUERY_CHARS = 4000
@@ -276,7 +277,8 @@ class Hidden(_Standardised):
         rows = _token_rows(lm.tokenizer, queries, self.max_tokens)
         out = []
         with torch.inference_mode():
-            for start in range(0, len(rows), self.batch_size):
+            for start in bar(range(0, len(rows), self.batch_size), unit="batch",
+                             desc=f"hidden-state features of {len(rows)} queries"):
                 ids, mask = _pad(rows[start:start + self.batch_size], 0)
                 result = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                                   output_hidden_states=True, use_cache=False)
@@ -306,12 +308,18 @@ class Embedding(_Standardised):
         if self._loaded is None:
             from fusekit.device import resolve_device
             from fusekit.io.refs import resolve_model
-            from fusekit.lm.load import check_weights, import_transformers, load_tokenizer
+            from fusekit.lm.load import (
+                apply_adapter,
+                check_weights,
+                import_transformers,
+                load_tokenizer,
+                tokenizer_folder,
+            )
 
             try:
                 resolved = resolve_model(self.model)
                 check_weights(resolved)  # config.json and the merge reader's header checks
-                tokenizer = load_tokenizer(self.model, resolved.folder)
+                tokenizer = load_tokenizer(self.model, tokenizer_folder(resolved))
             except FusekitError as exc:
                 raise FeatureError(f"features.model: {exc}") from None
             transformers = import_transformers()
@@ -322,6 +330,11 @@ class Embedding(_Standardised):
             except (OSError, ValueError, KeyError) as exc:
                 raise FeatureError(f"features.model: transformers cannot load the encoder in "
                                    f"{resolved.folder}: {str(exc).splitlines()[0]}") from None
+            if resolved.adapter is not None:  # a LoRA adapter on the encoder, merged into it
+                try:
+                    encoder = apply_adapter(encoder, resolved)
+                except FusekitError as exc:
+                    raise FeatureError(f"features.model: {exc}") from None
             self._loaded = (encoder.to(device).eval(), tokenizer, device)
         return self._loaded
 
@@ -330,7 +343,8 @@ class Embedding(_Standardised):
         rows = _token_rows(tokenizer, queries, self.max_tokens)
         out = []
         with torch.inference_mode():
-            for start in range(0, len(rows), self.batch_size):
+            for start in bar(range(0, len(rows), self.batch_size), unit="batch",
+                             desc=f"embedding features of {len(rows)} queries"):
                 ids, mask = _pad(rows[start:start + self.batch_size], int(tokenizer.pad_token_id or 0))
                 states = encoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
                 pooled = _mean_pool(states.float(), mask.to(device))

@@ -8,7 +8,6 @@ the log-likelihood of prompt + completion and that of the prompt alone.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fusekit.errors import FusekitError
+from fusekit.progress import label
 from fusekit.route.data import Example, RouteDataError
 
 log = logging.getLogger("fusekit")
@@ -51,36 +51,37 @@ class Scores:
 
 
 def score_column(ref: str, examples: Sequence[Example], *, device: str = "cpu", batch_size: int = 8,
-                 context: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One model's ``(nll_bits, n_bytes)`` over ``examples`` (both ``(n,)`` float64)."""
-    from fusekit.lm import load_lm
-    from fusekit.lm.score import score_texts
+                 context: int | None = None, use_cache: bool = True,
+                 desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model's ``(nll_bits, n_bytes)`` over ``examples`` (both ``(n,)`` float64).
 
-    lm = load_lm(ref, device=device)
-    try:
-        full = [e.query + e.completion if e.completion is not None else e.query for e in examples]
-        scores = score_texts(lm, full, context=context, batch_size=batch_size)
-        nll = torch.tensor([s.nll_nats for s in scores], dtype=torch.float64)
-        n_bytes = torch.tensor([len(e.scored_text.encode("utf-8")) for e in examples], dtype=torch.float64)
-        prompts = [i for i, e in enumerate(examples) if e.completion is not None]
-        if prompts:
-            before = score_texts(lm, [examples[i].query for i in prompts], context=context,
-                                 batch_size=batch_size)
-            nll[prompts] -= torch.tensor([s.nll_nats for s in before], dtype=torch.float64)
-    finally:
-        del lm
-        gc.collect()
+    Scores come from the score cache where this model has scored the same text with the same
+    settings before (:mod:`fusekit.lm.score_cache`; ``use_cache=False`` scores everything afresh).
+    """
+    from fusekit.lm.score_cache import score_texts_cached
+
+    full = [e.query + e.completion if e.completion is not None else e.query for e in examples]
+    prompts = [i for i, e in enumerate(examples) if e.completion is not None]
+    scores = score_texts_cached(ref, full + [examples[i].query for i in prompts], device=device,
+                                context=context, batch_size=batch_size, use_cache=use_cache, desc=desc)
+    nll = torch.tensor([s.nll_nats for s in scores[:len(full)]], dtype=torch.float64)
+    if prompts:
+        nll[prompts] -= torch.tensor([s.nll_nats for s in scores[len(full):]], dtype=torch.float64)
+    n_bytes = torch.tensor([len(e.scored_text.encode("utf-8")) for e in examples], dtype=torch.float64)
     return nll / math.log(2), n_bytes
 
 
 def score_matrix(refs: Sequence[str], examples: Sequence[Example], *, device: str = "cpu",
-                 batch_size: int = 8, context: int | None = None) -> Scores:
-    """Every model's score on every example (one model in memory at a time)."""
+                 batch_size: int = 8, context: int | None = None, use_cache: bool = True) -> Scores:
+    """Every model's score on every example (one model in memory at a time, none for cached scores)."""
     columns = []
     n_bytes = torch.zeros(len(examples), dtype=torch.float64)
-    for ref in refs:
+    for index, ref in enumerate(refs):
         log.info("scoring %d examples with %s", len(examples), ref)
-        nll, n_bytes = score_column(ref, examples, device=device, batch_size=batch_size, context=context)
+        desc = (f"scoring {len(examples)} examples x {len(refs)} models: {label(ref)} "
+                f"({index + 1}/{len(refs)})")
+        nll, n_bytes = score_column(ref, examples, device=device, batch_size=batch_size, context=context,
+                                    use_cache=use_cache, desc=desc)
         columns.append(nll)
     return Scores(torch.stack(columns, dim=1), n_bytes)
 

@@ -42,7 +42,8 @@ class RoutedModel:
     Attributes:
         name: the model's name in the recipe (its ``name``, else the reference).
         ref: the reference as the recipe wrote it (a folder or ``org/name@rev``).
-        folder: the local folder it resolved to when the router was built.
+        folder: the local folder it resolved to when the router was built (``base+adapter`` folders
+            for a LoRA adapter).
         cost: its relative cost per call, from the recipe.
         strength: the share of the training examples it was the best model for.
     """
