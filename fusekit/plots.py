@@ -12,8 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,16 +214,8 @@ def _figure() -> tuple[Any, Any]:
 
 def _save(figure: Any, path: Path) -> Path:
     """Write ``figure`` to a sibling temp file, then rename it to ``path``."""
-    from fusekit.io.files import write_error
+    from fusekit.io.files import atomic_file
 
-    temp = path.with_name(f".{path.name}.fusekit-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_file(path) as temp:
         figure.savefig(temp, format=path.suffix.lower().lstrip("."), dpi=DPI)
-        os.replace(temp, path)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     return path

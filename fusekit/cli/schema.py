@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +16,7 @@ import typer
 from fusekit.cli.app import app
 from fusekit.cli.options import OutOpt, QuietOpt, RecipeArg, StrictOpt, show_progress
 from fusekit.errors import OutputPathError
-from fusekit.io.files import write_error
+from fusekit.io.files import atomic_file
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -75,13 +73,8 @@ def _write_atomically(path: Path, text: str) -> None:
         raise OutputPathError(f"--out '{path}' is not a regular file; give a file path such as schema.json")
     if not path.parent.is_dir():
         raise OutputPathError(f"--out '{path}': folder {path.parent} does not exist; create it first")
-    temp = path.with_name(f".{path.name}.fusekit-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_file(path) as temp:
         temp.write_text(text, encoding="utf-8")
-        os.replace(temp, path)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
 
 
 @app.command(epilog="Example: fusekit validate configs/ties.yaml --strict")

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 from fusekit.errors import FusekitError
-from fusekit.io.files import write_error
 from fusekit.io.userfiles import DATA_LIMIT, LINE_LIMIT, read_user_text
 
 
@@ -52,18 +49,10 @@ def answer_record(answer: Any) -> dict[str, Any]:
 
 def write_answers(path: Path, answers: list[Any]) -> None:
     """Write answers as JSON lines to a sibling temp file, then rename it into place."""
+    from fusekit.io.files import atomic_file
     from fusekit.io.outputs import check_out_file
 
     path = check_out_file(path)
-    temp = path.with_name(f".{path.name}.fusekit-partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with temp.open("w", encoding="utf-8") as handle:
-            for answer in answers:
-                handle.write(json.dumps(answer_record(answer), ensure_ascii=False) + "\n")
-        os.replace(temp, path)
-    except OSError as exc:
-        temp.unlink(missing_ok=True)
-        raise write_error(path, exc) from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temp, temp.open("w", encoding="utf-8") as handle:
+        for answer in answers:
+            handle.write(json.dumps(answer_record(answer), ensure_ascii=False) + "\n")

@@ -9,6 +9,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +54,27 @@ def write_text(path: Path, text: str) -> None:
         path.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise write_error(path, exc) from None
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A sibling temp path to write ``path`` through: renamed over ``path`` when the block ends,
+    removed on any error, so ``path`` is either the old file or the complete new one.
+
+    Raises:
+        OutputWriteError: one line naming ``path`` when the OS refuses a write or the rename.
+
+    Example:
+        >>> with atomic_file(Path("answers.jsonl")) as temp:  # doctest: +SKIP
+        ...     temp.write_text("{}\\n")
+    """
+    temp = path.with_name(f".{path.name}{PARTIAL_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield temp
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise write_error(path, exc) from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
