@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fusekit.errors import OutputWriteError
+from fusekit.errors import CheckpointError, OutputWriteError
 
 PARTIAL_MARKER = ".fusekit-partial-"  # in the name of every folder or file still being written
 HASH_BLOCK = 2**20
@@ -42,6 +42,34 @@ def file_sha256(path: Path) -> str:
         while count := handle.readinto(buffer):
             digest.update(view[:count])
     return digest.hexdigest()
+
+
+def read_json_object(path: Path, *, max_bytes: int, kind: str, fix: str,
+                     where: str | None = None) -> dict[str, Any]:
+    """The JSON object in ``path``, a file of at most ``max_bytes``.
+
+    Args:
+        path: the file to read.
+        max_bytes: a bound far above any real file of its ``kind``, so a wrong file is not read whole.
+        kind: what the file should be, as the error says it ("a tokenizer file").
+        fix: what the user should do when it is broken ("restore the model's own tokenizer.json").
+        where: how errors name the file (default: its path).
+
+    Raises:
+        CheckpointError: one line naming the file: too large, unreadable, not JSON, not an object.
+    """
+    where = where or str(path)
+    try:
+        if path.stat().st_size > max_bytes:
+            raise CheckpointError(f"{where}: is larger than {max_bytes // 2**20} MiB; it is not {kind}")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{where}: is not valid JSON; {fix}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from fusekit.chat_templates import load_template, template_names, template_problem
 from fusekit.errors import CheckpointError, RecipeError
+from fusekit.io import files
 from fusekit.io.files import write_error, write_json, write_text
 from fusekit.io.refs import ResolvedModel
 
@@ -47,19 +47,8 @@ def read_json_object(path: Path) -> dict[str, Any]:
     Raises:
         CheckpointError: one line naming ``path`` when it is unreadable, not JSON or not an object.
     """
-    try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: is larger than {MAX_JSON_BYTES // 2**20} MiB; it is not a "
-                                  "tokenizer file")
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{path}: is not valid JSON; restore the model's own {path.name}") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(value).__name__}, not an object; restore the "
-                              f"model's own {path.name}")
-    return value
+    return files.read_json_object(path, max_bytes=MAX_JSON_BYTES, kind="a tokenizer file",
+                                  fix=f"restore the model's own {path.name}")
 
 
 def copy_tokenizer(source: ResolvedModel, out: Path) -> list[str]:

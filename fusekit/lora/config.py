@@ -8,7 +8,6 @@ refused with one line naming the option, so an adapter is never applied as if th
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fusekit.errors import CheckpointError
+from fusekit.io.files import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -113,7 +113,8 @@ def read_lora_config(folder: Path, *, ref: str | None = None) -> LoraConfig:
     """
     path = folder / ADAPTER_CONFIG
     where = f"adapter '{ref or folder}': {path}"
-    raw = _read_json(path, where)
+    raw = read_json_object(path, max_bytes=MAX_ADAPTER_CONFIG_BYTES, kind="an adapter config",
+                           fix="save the adapter again", where=where)
     kind = raw.get("peft_type")
     if kind != "LORA":
         raise CheckpointError(f"{where}: PEFT type {str(kind)[:40]!r} is not supported; fusekit applies "
@@ -136,21 +137,6 @@ def read_lora_config(folder: Path, *, ref: str | None = None) -> LoraConfig:
         bias=_bias(raw.get("bias", "none"), where), lora_bias=bool(raw.get("lora_bias", False)),
         use_dora=bool(raw.get("use_dora", False)),
         base_model=raw.get("base_model_name_or_path") or None)
-
-
-def _read_json(path: Path, where: str) -> dict[str, Any]:
-    try:
-        if path.stat().st_size > MAX_ADAPTER_CONFIG_BYTES:
-            raise CheckpointError(f"{where}: larger than {MAX_ADAPTER_CONFIG_BYTES // 2**20} MiB; it "
-                                  "is not an adapter config")
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"{where}: cannot read ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{where}: not valid JSON; save the adapter again") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{where}: must be a JSON object")
-    return value
 
 
 def _positive_int(value: Any, key: str, where: str) -> int:
