@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import in_process_cli
 
 from fusekit.ensemble.bytes import EOS, ByteBeam, score_bytes
 from fusekit.ensemble.engine import Ensemble, load_members
@@ -227,25 +227,12 @@ def test_byte_errors(models: dict[str, Path]) -> None:
         score_bytes(load_lm(models["a"]), "", beam=1)
 
 
-def _cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    from fusekit.cli import main
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_info:
-            main(list(args))
-        captured = capsys.readouterr()
-        return int(exit_info.value.code or 0), captured.out, captured.err
-
-    return run
-
-
 def test_cli_score_bytes_and_byte_ensemble(models: dict[str, Path], tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    in_process_cli = _cli(capsys)
+    cli = in_process_cli(capsys)
     text = tmp_path / "t.txt"
     text.write_text(TEXT, encoding="utf-8")
-    code, out, _ = in_process_cli("score", str(models["a"]), "--text", str(text), "--bytes", "--beam", "64",
+    code, out, _ = cli("score", str(models["a"]), "--text", str(text), "--bytes", "--beam", "64",
                                   "--json", "--quiet")
     assert code == 0
     row = json.loads(out)[0]
@@ -254,14 +241,14 @@ def test_cli_score_bytes_and_byte_ensemble(models: dict[str, Path], tmp_path: Pa
     recipe = tmp_path / "byte.yaml"
     recipe.write_text(f"models:\n  - model: {models['a']}\n  - model: {models['b']}\nmethod: byte\n"
                       "parameters: {beam: 64, gate: 0.9}\n", encoding="utf-8")
-    code, out, _ = in_process_cli("ensemble", "score", str(recipe), "--text", str(text), "--json")
+    code, out, _ = cli("ensemble", "score", str(recipe), "--text", str(text), "--json")
     assert code == 0
     report = json.loads(out)
     assert report["rows"][0]["nll_nats"] == pytest.approx(row["nll_nats"], abs=1e-5)  # gated or not: same
     assert 0 <= report["details"]["ensembled_share"] <= 1
-    code, _, err = in_process_cli("score", str(models["a"]), "--text", str(text), "--bytes",
+    code, _, err = cli("score", str(models["a"]), "--text", str(text), "--bytes",
                                   "--context", "8")
     assert code == 2 and "--bytes" in err and "Traceback" not in err
     recipe.write_text(f"models:\n  - model: {models['a']}\nmethod: byte\nparameters: {{beam: 0}}\n")
-    code, _, err = in_process_cli("ensemble", "score", str(recipe), "--text", str(text))
+    code, _, err = cli("ensemble", "score", str(recipe), "--text", str(text))
     assert code == 2 and "parameters.beam" in err
