@@ -77,12 +77,6 @@ class LoraConfig:
         r = self.rank(module)
         return self.alpha(module) / (math.sqrt(r) if self.use_rslora else r)
 
-    def targets(self, module: str) -> bool:
-        """Whether ``target_modules`` names ``module`` (PEFT's matching rule)."""
-        if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, module) is not None
-        return any(module == t or module.endswith(f".{t}") for t in self.target_modules)
-
 
 def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     """The first pattern key matching the end of ``module`` on a name boundary, as PEFT picks it."""
