@@ -139,3 +139,20 @@ def label(ref: object) -> str:
     """
     parts = str(ref).split("+")
     return "+".join(part.rstrip("/").rsplit("/", 1)[-1] or part for part in parts)
+
+
+@contextmanager
+def hub_bars() -> Iterator[None]:
+    """Within the block, huggingface_hub's own upload and download bars follow the same rule as
+    fusekit's (off without a terminal, with ``CI`` or ``--quiet``): a bar it leaves half drawn would
+    otherwise share a line with the one-line error that may follow."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled() or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()

@@ -43,6 +43,7 @@ from fusekit.io.hub_deadline import (
     run_within,
 )
 from fusekit.io.refs import SAFETENSORS_INDEX as INDEX_FILE
+from fusekit.progress import hub_bars
 from fusekit.version import __version__
 
 log = logging.getLogger("fusekit")
@@ -188,8 +189,9 @@ def _push_with_retries(folder: Path, repo_id: str, *, private: bool, revision: s
                               files=len(files), attempts=attempts[0], up_to_date=True)
             if hub_holds(api, files, repo_id, revision):
                 return held
-            info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
-                                     revision=revision, commit_message=message, ignore_patterns=[".*"])
+            with hub_bars():
+                info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                                         revision=revision, commit_message=message, ignore_patterns=[".*"])
             return replace(held, commit_url=str(getattr(info, "commit_url", info)), up_to_date=False)
         except Exception as exc:
             status = _status(exc)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fusekit.errors import CheckpointError, CheckpointNotFoundError
 from fusekit.lora.config import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, LoraConfig, read_lora_config
+from fusekit.progress import hub_bars
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -312,7 +313,8 @@ def _download(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
 
     where = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        with hub_bars():
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except LocalEntryNotFoundError:
         raise CheckpointNotFoundError(
             f"model '{where}' is not in the Hugging Face cache and the Hub cannot be reached "
