@@ -180,7 +180,8 @@ class Ensemble:
 
 
 def load_members(recipe: EnsembleRecipe, *, device: str = "cpu", dtype: str | None = None) -> list[Member]:
-    """Load every model of the recipe with its tokenizer.
+    """Load every model of the recipe with its tokenizer; LoRA adapters over one base share one
+    copy of it as the recipe's ``shared_base`` says (see :func:`fusekit.lm.library.load_members`).
 
     Args:
         recipe: the parsed recipe.
@@ -193,14 +194,12 @@ def load_members(recipe: EnsembleRecipe, *, device: str = "cpu", dtype: str | No
     Raises:
         FusekitError: a model or its tokenizer cannot be found or loaded.
     """
-    from fusekit.lm import load_lm
+    from fusekit.lm.library import load_members as load_lms
 
     weights = recipe.weights()
-    members = []
-    for i, entry in enumerate(recipe.models):
-        lm = load_lm(entry.model, device=device, dtype=dtype or recipe.dtype)
-        members.append(Member(i, entry.model, lm, weights[i], token_vocab(lm.tokenizer, logit_width(lm))))
-    return members
+    lms = load_lms(recipe.refs(), device=device, dtype=dtype or recipe.dtype, share=recipe.shared_base)
+    return [Member(i, lm.ref, lm, weights[i], token_vocab(lm.tokenizer, logit_width(lm)))
+            for i, lm in enumerate(lms)]
 
 
 def load_ensemble(recipe: EnsembleRecipe | Path | str, *, device: str = "cpu",

@@ -162,6 +162,9 @@ class EnsembleRecipe(_Strict):
         parameters: the method's parameters (checked against its typed model when the recipe loads).
         generation: defaults for ``generate``.
         dtype: the dtype members are loaded in.
+        shared_base: how LoRA adapter members over one base are loaded: None (auto) holds a base
+            that two or more members use once, its adapters beside it; true does so for every
+            adapter and refuses adapters over different bases; false loads each member on its own.
 
     Example:
         >>> recipe, _ = parse_ensemble_recipe("models:\\n  - model: a\\n  - model: b\\nmethod: logit_avg\\n")
@@ -175,6 +178,7 @@ class EnsembleRecipe(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     dtype: DType = "float32"
+    shared_base: bool | None = None
 
     def params(self) -> Any:
         """The method's parameters as its typed model (validated when the recipe loaded).

@@ -95,22 +95,31 @@ def load_lm(ref: str | Path, *, device: str = "cpu", dtype: str | None = "float3
     """
     resolved = resolve_model(str(ref), allow_pickle=allow_pickle)
     check_weights(resolved)
-    transformers = import_transformers()
     target = resolve_device(device)
-    torch_dtype = _DTYPES[dtype] if dtype else "auto"
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            resolved.folder, dtype=torch_dtype, use_safetensors=not resolved.is_pickle,
-            local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"model '{ref}': transformers cannot load {resolved.folder}: "
-                              f"{str(exc).splitlines()[0]}") from None
+    model = load_base_model(ref, resolved, dtype=dtype)
     if resolved.adapter is not None:
         model = apply_adapter(model, resolved)
     model.to(target).eval()
     tok = load_tokenizer(ref, tokenizer_folder(resolved)) if tokenizer else None
     logging.getLogger(__name__).debug("loaded %s on %s", ref, target)
     return LoadedLM(str(ref), resolved, model, tok, target)
+
+
+def load_base_model(ref: str | Path, resolved: ResolvedModel, *, dtype: str | None = "float32") -> Any:
+    """The model in ``resolved.folder`` (an adapter's base: no adapter applied), on the CPU, with
+    transformers; ``dtype`` as :func:`load_lm` takes it.
+
+    Raises:
+        CheckpointError: one line naming ``ref`` when transformers cannot load the folder.
+    """
+    transformers = import_transformers()
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            resolved.folder, dtype=_DTYPES[dtype] if dtype else "auto",
+            use_safetensors=not resolved.is_pickle, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"model '{ref}': transformers cannot load {resolved.folder}: "
+                              f"{str(exc).splitlines()[0]}") from None
 
 
 def check_weights(resolved: ResolvedModel) -> None:
@@ -143,7 +152,18 @@ def apply_adapter(model: Any, resolved: ResolvedModel) -> Any:
     and merged into its weights.
 
     The adapter is merged (``merge_and_unload``) so inference runs at the base's speed, with no
-    adapter layers in the forward pass; sharing one loaded base among many adapters is left for later.
+    adapter layers in the forward pass; :func:`fusekit.lm.library.load_members` keeps adapters
+    unmerged beside one shared base instead.
+
+    Raises:
+        FusekitError: peft is missing, or the adapter does not fit the base (one line naming both).
+    """
+    return attach_adapter(model, resolved).merge_and_unload()
+
+
+def attach_adapter(model: Any, resolved: ResolvedModel, *, name: str = "default") -> Any:
+    """``resolved.adapter`` loaded by PEFT, unmerged, as adapter ``name`` of ``model``: a new
+    ``PeftModel`` over the base ``model``, or ``model`` itself when it already is one.
 
     Raises:
         FusekitError: peft is missing, or the adapter does not fit the base (one line naming both).
@@ -155,15 +175,21 @@ def apply_adapter(model: Any, resolved: ResolvedModel) -> Any:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            wrapped = peft.PeftModel.from_pretrained(model, str(adapter.folder), is_trainable=False)
+            if isinstance(model, peft.PeftModel):
+                result = model.load_adapter(str(adapter.folder), name, is_trainable=False)
+                missing = [f"missing adapter keys: {result.missing_keys}"] if result.missing_keys else []
+            else:
+                model = peft.PeftModel.from_pretrained(model, str(adapter.folder), adapter_name=name,
+                                                       is_trainable=False)
+                missing = []
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{where}: PEFT cannot apply it: {_first_line(exc)}; check that the "
                                   "adapter was trained on this base") from None
-    missing = [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
+    missing += [str(w.message) for w in caught if "missing adapter keys" in str(w.message)]
     if missing:
         raise CheckpointError(f"{where}: the adapter's tensors do not match the base's modules "
                               f"({_first_line(missing[0])[:200]}); check that it was trained on this base")
-    return wrapped.merge_and_unload()
+    return model
 
 
 def _first_line(exc: BaseException | str) -> str:
