@@ -76,7 +76,14 @@ def build(
         return
     if quiet:
         return
+    from fusekit.route.arrow import Arrow
+
     router = result.router
+    if isinstance(router, Arrow):
+        typer.echo(f"built Arrow router (top {router.top_k}, temperature {router.router_temperature:g}) "
+                   f"over the adapters {', '.join(router.names)} into {out_dir} in {result.seconds:.1f} s: "
+                   "nothing to fit, PEFT computes each adapter's prototype when the router loads")
+        return
     training = router.info.get("training", {})
     accuracy = training.get("heldout_accuracy")
     typer.echo(f"built {router.fitted.kind} router over {router.featurizer.kind} features for "
@@ -87,6 +94,9 @@ def build(
 
 def _build_summary(out_dir: Path, result: Any) -> dict[str, Any]:
     router = result.router
+    if not hasattr(router, "fitted"):  # router: arrow
+        return {"out_dir": str(out_dir), "models": router.names, "router": "arrow", **router.settings(),
+                "seconds": result.seconds}
     training = router.info.get("training", {})
     return {"out_dir": str(out_dir), "models": router.names, "features": router.featurizer.kind,
             "router": router.fitted.kind, "threshold": router.threshold, "seconds": result.seconds,
@@ -113,11 +123,16 @@ def evaluate(
     output_format: FormatOpt = Format.text,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
+    compare: Annotated[list[Path] | None, typer.Option(
+        "--compare", help="Another router folder to measure on the same data and report beside this "
+        "one (repeatable).", show_default=False)] = None,
 ) -> None:
     """Routed bits per byte against every single model, the oracle and a uniform merge; the
     cost-quality table across thresholds; calibration on this data.
 
-    --plot curve.png draws the cost-quality curve with each model and the oracle as points."""
+    An Arrow router reports its own model's bits per byte (no thresholds). --compare adds other
+    routers' bits per byte. --plot curve.png draws the cost-quality curve with each model and the
+    oracle as points."""
     from fusekit.route import evaluate_router
 
     show_progress(quiet)
@@ -125,10 +140,15 @@ def evaluate(
         _require_fraction("--threshold/--share", value)
     if plot is not None:  # refused before the models run, not after
         from fusekit.plots import check_plot_path
+        from fusekit.route.router import is_arrow_router
 
         check_plot_path(plot)
+        if is_arrow_router(router_dir):
+            raise FusekitError(f"--plot draws the cost-quality curve across thresholds, and the Arrow "
+                               f"router {router_dir} has none; leave --plot out")
     report = evaluate_router(router_dir, data, device=device.value, thresholds=threshold, shares=share,
-                             with_merge=merge, batch_size=batch_size, use_cache=not no_cache)
+                             with_merge=merge, batch_size=batch_size, use_cache=not no_cache,
+                             compare=compare or [])
     if wants_json(output_format, as_json):
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -211,7 +231,8 @@ def run(
         return
     decision = result.decision
     probs = ", ".join(f"{k} {v:.3f}" for k, v in decision.probabilities.items())
-    typer.echo(f"{decision.model.name}\t{decision.model.ref}\t(p: {probs})")
+    what = "p" if decision.threshold is not None else "mean Arrow weights"
+    typer.echo(f"{decision.model.name}\t{decision.model.ref}\t({what}: {probs})")
     if result.answer is not None:
         typer.echo(result.answer)
 

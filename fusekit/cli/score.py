@@ -49,10 +49,10 @@ def score(
     beam: BeamOpt = 2,
 ) -> None:
     """Bits per byte (comparable across tokenizers) and per-token perplexity of each MODEL on each
-    --text file; measures merged outputs the way ensembles and routers are measured.
+    --text file; measures merged outputs the way ensembles and routers are measured. A MODEL may be
+    an Arrow router folder (fusekit route build with router: arrow).
 
     --bytes reads each model as a model over bytes (perplexity is then per byte)."""
-    from fusekit.lm.load import load_lm
     from fusekit.lm.score import read_text_file, score_text
     from fusekit.progress import label
 
@@ -64,7 +64,7 @@ def score(
     texts = {path: read_text_file(path) for path in text}
     rows: list[dict[str, Any]] = []
     for ref in models:
-        lm = load_lm(ref, device=device.value, allow_pickle=allow_pickle)
+        lm = _load_model(ref, device=device.value, allow_pickle=allow_pickle)
         for path, content in texts.items():
             if as_bytes:
                 rows.append(_byte_row(lm, ref, str(path), content, beam))
@@ -79,6 +79,31 @@ def score(
         typer.echo(json.dumps(rows, indent=2))
         return
     _print_table(rows)
+
+
+def _load_model(ref: str, *, device: str, allow_pickle: bool) -> Any:
+    """``ref`` loaded to score: a model reference, or an Arrow router folder (its base with every
+    adapter and PEFT's Arrow routing); another kind of router folder is refused in one line."""
+    from pathlib import Path
+
+    from fusekit.lm.load import load_lm
+    from fusekit.route.router import CONFIG_FILE, read_router_config, router_type
+
+    try:
+        is_router = (Path(ref) / CONFIG_FILE).is_file()
+    except OSError:  # a name the file system refuses: load_lm says so in its own words
+        is_router = False
+    if not is_router:
+        return load_lm(ref, device=device, allow_pickle=allow_pickle)
+    kind = router_type(read_router_config(ref))
+    if kind != "arrow":
+        from fusekit.errors import FusekitError
+
+        raise FusekitError(f"'{ref}' is a {kind} router, which picks a model per query, not a model; "
+                           f"measure it with fusekit route eval {ref} --data FILE")
+    from fusekit.route.arrow import load_arrow, load_arrow_lm
+
+    return load_arrow_lm(load_arrow(ref), device=device)
 
 
 def _byte_row(lm: Any, ref: str, path: str, content: str, beam: int) -> dict[str, Any]:

@@ -31,15 +31,18 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusekit.cache import cache_folder
 from fusekit.errors import FusekitError
 from fusekit.io.refs import ResolvedModel
 from fusekit.lm.score import TextScore
+
+if TYPE_CHECKING:
+    from fusekit.lm.load import LoadedLM
 
 SCORES_DIR = "scores-v1"
 CONVENTION = 1  # bump when lm.score changes what a score means
@@ -138,6 +141,38 @@ class ScoreCache:
             return {}
         return {d: v for d, v in scores.items() if _valid_entry(v)}
 
+    def token_path(self, key: ScoreKey, digest: str) -> Path:
+        """Where one text's per-token log-probabilities under ``key`` are kept: a ``tok-*.json`` file
+        beside the scores, so it is bounded, listed and cleared with them."""
+        return self.folder / f"tok-{key.file_name()[:24]}-{digest[:24]}.json"
+
+    def get_tokens(self, key: ScoreKey, digest: str) -> list[float] | None:
+        """The cached per-token log-probabilities of the text with ``digest``, or None."""
+        path = self.token_path(key, digest)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8")).get("logprobs")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return None
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+            return None
+        _touch(path)
+        return [float(v) for v in values]
+
+    def put_tokens(self, key: ScoreKey, digest: str, values: Sequence[float], *, ref: str) -> None:
+        """Save one text's per-token log-probabilities; failures are logged, never raised."""
+        path = self.token_path(key, digest)
+        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            payload = {**key.settings(), "ref": ref, "logprobs": list(values)}
+            temp.write_text(json.dumps(payload), encoding="utf-8")
+            os.replace(temp, path)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            log.info("could not save token log-probabilities to %s (%s)", path, exc)
+            return
+        self.prune(max_bytes())
+
     def files(self) -> list[Path]:
         """The cache files, least recently used first."""
         try:
@@ -202,7 +237,8 @@ def _touch(path: Path) -> None:
 
 def score_texts_cached(ref: str, texts: Sequence[str], *, device: str = "cpu", dtype: str | None = "float32",
                        context: int | None = None, stride: int | None = None, batch_size: int = 8,
-                       use_cache: bool = True, desc: str | None = None) -> list[TextScore]:
+                       use_cache: bool = True, desc: str | None = None,
+                       load: Callable[[], LoadedLM] | None = None) -> list[TextScore]:
     """:func:`fusekit.lm.score.score_texts` of model ``ref`` on ``texts``, through the score cache.
 
     The model is loaded only when some text has no cached score, and only those texts are scored;
@@ -218,6 +254,8 @@ def score_texts_cached(ref: str, texts: Sequence[str], *, device: str = "cpu", d
         batch_size: windows per forward pass.
         use_cache: False scores everything and saves nothing (``--no-cache``).
         desc: what the progress bar says while scoring.
+        load: returns ``ref`` already loaded (e.g. on a base shared with other adapters), called only
+            when some text must be scored; None loads ``ref`` with ``load_lm`` and releases it after.
 
     Returns:
         One :class:`~fusekit.lm.score.TextScore` per text, in order.
@@ -243,7 +281,7 @@ def score_texts_cached(ref: str, texts: Sequence[str], *, device: str = "cpu", d
     missing = {d: t for d, t in zip(digests, texts, strict=True) if d not in found}
     if missing:
         new = _score_now(ref, list(missing.values()), device=device, dtype=dtype, context=context,
-                         stride=stride, batch_size=batch_size, desc=desc)
+                         stride=stride, batch_size=batch_size, desc=desc, load=load)
         fresh = dict(zip(missing, new, strict=True))
         if key is not None:
             cache.put(key, fresh, ref=ref)
@@ -253,14 +291,16 @@ def score_texts_cached(ref: str, texts: Sequence[str], *, device: str = "cpu", d
 
 
 def _score_now(ref: str, texts: list[str], *, device: str, dtype: str | None, context: int | None,
-               stride: int | None, batch_size: int, desc: str | None) -> list[TextScore]:
-    """Load ``ref`` and score ``texts``; the model is released before returning."""
+               stride: int | None, batch_size: int, desc: str | None,
+               load: Callable[[], LoadedLM] | None = None) -> list[TextScore]:
+    """Load ``ref`` (or take it from ``load``) and score ``texts``; a model loaded here is released
+    before returning."""
     import gc
 
     from fusekit.lm.load import load_lm
     from fusekit.lm.score import score_texts
 
-    lm = load_lm(ref, device=device, dtype=dtype)
+    lm = load() if load is not None else load_lm(ref, device=device, dtype=dtype)
     try:
         return score_texts(lm, texts, context=context, stride=stride, batch_size=batch_size, desc=desc)
     finally:

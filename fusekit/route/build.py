@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,8 +31,11 @@ from fusekit.route.labels import (
     score_matrix,
 )
 from fusekit.route.policy import DEFAULT_THRESHOLD, calibrate, cheap_group, choose, cost_order
-from fusekit.route.recipe import RouteRecipe, RouterSpec, load_route_recipe
+from fusekit.route.recipe import ArrowRouter, RouteRecipe, RouterSpec, load_route_recipe
 from fusekit.route.router import CONFIG_FILE, RoutedModel, Router, save_router
+
+if TYPE_CHECKING:
+    from fusekit.route.arrow import Arrow
 
 ROUTER_MARKERS = (CONFIG_FILE, "fusekit.lock")  # a folder holding one is a router fusekit wrote
 log = logging.getLogger("fusekit")
@@ -43,12 +47,13 @@ class BuildResult:
 
     Attributes:
         out_dir: the router folder written.
-        router: the router, as saved (``router.info`` holds the training and calibration summary).
+        router: the router, as saved (``router.info`` holds the training and calibration summary), or
+            the :class:`~fusekit.route.arrow.Arrow` router for ``router: arrow``.
         seconds: wall time of the build.
     """
 
     out_dir: Path
-    router: Router
+    router: Router | Arrow
     seconds: float
 
 
@@ -127,6 +132,7 @@ def _calibrate(parsed: RouteRecipe, router: Router, examples: list[Example], x: 
     if parsed.folds < 2 or len(router.models) < 2:
         return calibration
     parts = fold_indices(fold_groups(examples, parsed.fold_block, parsed.folds), parsed.folds, parsed.seed)
+    assert not isinstance(parsed.router, ArrowRouter)
     q = out_of_fold(parsed.router, x, labels, len(router.models), parts, parsed.seed)
     if queries is None:
         router.calibration_tail = router.dear_tail(q)
@@ -149,6 +155,7 @@ def _labels_in_cost_order(parsed: RouteRecipe, examples: list[Example], *, devic
     models' cost order (equal costs: fewer wins first; loss labels then give ties to the cheaper)."""
     costs = [m.cost for m in parsed.models]
     provisional = cost_order(costs, [0.0] * len(costs))
+    assert parsed.data is not None
     labels, scores = make_labels(parsed, examples, provisional, device=device, data=parsed.data,
                                  use_cache=use_cache)
     require_two_classes(labels, parsed.names, parsed.labels.method)
@@ -189,6 +196,9 @@ def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = F
     recipe_path = Path(recipe)
     parsed, _ = load_route_recipe(recipe_path)
     resolved = [resolve_model(m.model) for m in parsed.models]  # fail early on a missing model
+    if isinstance(parsed.router, ArrowRouter):
+        return _build_arrow(parsed, resolved, recipe_path, out_dir, overwrite=overwrite, start=start)
+    assert parsed.data is not None  # the recipe requires it for every router but arrow
     inputs = [*model_inputs(resolved), ("recipe", recipe_path), ("data", Path(parsed.data))]
     if parsed.calibrate is not None and parsed.calibrate.data is not None:
         inputs.append(("calibration data", Path(parsed.calibrate.data)))
@@ -198,6 +208,20 @@ def build_router(recipe: str | Path, out_dir: str | Path, *, overwrite: bool = F
         with atomic_output(out_dir, overwrite=overwrite) as temp:
             save_router(router, temp, name=out_dir.name, recipe_text=read_recipe_text(recipe_path))
     return BuildResult(out_dir, router, time.perf_counter() - start)
+
+
+def _build_arrow(parsed: RouteRecipe, resolved: Sequence[ResolvedModel], recipe_path: Path, out_dir: Path,
+                 *, overwrite: bool, start: float) -> BuildResult:
+    """Check the adapters and write the Arrow router folder (nothing to fit: PEFT computes the
+    prototypes from the adapter weights when the router is used)."""
+    from fusekit.route.arrow import build_arrow, save_arrow
+
+    arrow = build_arrow(parsed, resolved)
+    inputs = [*model_inputs(resolved), ("recipe", recipe_path)]
+    with claim_output(out_dir, inputs=inputs, overwrite=overwrite, markers=ROUTER_MARKERS), \
+            atomic_output(out_dir, overwrite=overwrite) as temp:
+        save_arrow(arrow, temp, name=out_dir.name, recipe_text=read_recipe_text(recipe_path))
+    return BuildResult(out_dir, arrow, time.perf_counter() - start)
 
 
 def _folder_reference(model: ResolvedModel) -> str:
@@ -212,6 +236,7 @@ def _fit(parsed: RouteRecipe, resolved: Sequence[ResolvedModel], *, device: str,
          use_cache: bool = True) -> Router:
     """Label the data, fit features and router, calibrate the threshold: the router to save."""
     names = parsed.names
+    assert parsed.data is not None and not isinstance(parsed.router, ArrowRouter)
     examples = load_examples(parsed.data, models=names)
     calibration_data = parsed.calibrate.data if parsed.calibrate is not None else None
     calibration_queries = read_queries(calibration_data) if calibration_data is not None else None

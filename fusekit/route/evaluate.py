@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,7 +25,10 @@ from fusekit.progress import enabled as progress_enabled
 from fusekit.route.data import Example, load_examples
 from fusekit.route.labels import Scores, score_column, score_matrix
 from fusekit.route.policy import choose
-from fusekit.route.router import Router, load_router
+from fusekit.route.router import Router, is_arrow_router, load_router
+
+if TYPE_CHECKING:
+    from fusekit.route.arrow import Arrow
 
 log = logging.getLogger("fusekit")
 
@@ -94,6 +97,8 @@ class EvalReport:
     costs: dict[str, float] = field(default_factory=dict)  # model name → cost of one call
     oracle_dear_share: float | None = None  # share of examples whose best model is a dearer one
     oracle_mean_cost: float | None = None  # mean cost per call of always picking the best model
+    router_type: str = ""  # the router's kind: knn, logistic, mlp, mf, arrow
+    compared: dict[str, float] = field(default_factory=dict)  # other router folder → its bits per byte
 
     @property
     def best_single(self) -> tuple[str, float]:
@@ -112,16 +117,21 @@ class EvalReport:
         """The report as the text ``fusekit route eval`` prints: figures, table, calibration."""
         best, best_bpb = self.best_single
         pct = self.routed / self.oracle - 1
-        lines = [f"router {self.router} on {self.data}: {self.examples} examples, threshold "
-                 f"{self.threshold:.4f}",
-                 f"routing accuracy {self.accuracy:.1%} (vs the best model per example by bits per byte); "
+        arrow = self.router_type == "arrow"
+        lines = [f"router {self.router} on {self.data}: {self.examples} examples, "
+                 + ("Arrow (each token routed in each layer)" if arrow
+                    else f"threshold {self.threshold:.4f}"),
+                 f"routing accuracy {self.accuracy:.1%} ("
+                 + ("the adapter with the largest mean Arrow weight " if arrow else "")
+                 + f"vs the best model per example by bits per byte); "
                  f"{self.near_oracle:.1%} within {NEAR:.0%} of the best model's bits per byte"]
         if self.accuracy_given is not None:
             lines.append(f"routing accuracy {self.accuracy_given:.1%} (vs the data's labels)")
         if self.accuracy_domain is not None:
             lines.append(f"routing accuracy {self.accuracy_domain:.1%} (vs the data's domains)")
+        routed = "arrow" if arrow else "routed"
         lines += ["", "bits per byte (lower is better):",
-                  f"  routed          {self.routed:.4f}  ({pct:+.2%} vs oracle)",
+                  f"  {routed:<15} {self.routed:.4f}  ({pct:+.2%} vs oracle)",
                   f"  oracle          {self.oracle:.4f}  (each example scored by its best model)"]
         for name, value in sorted(self.single.items(), key=lambda kv: kv[1]):
             tag = "  (best single model)" if name == best else ""
@@ -129,13 +139,23 @@ class EvalReport:
         if self.merge is not None:
             lines.append(f"  {'uniform merge':<15} {self.merge:.4f}  (linear merge of "
                          f"{', '.join(self.merge_models)})")
-        verdict = f"routed is {'better' if self.routed < best_bpb else 'not better'} than the best " \
+        for name, value in self.compared.items():
+            lines.append(f"  {name:<15} {value:.4f}  (router, {value / self.oracle - 1:+.2%} vs oracle)")
+        verdict = f"{routed} is {'better' if self.routed < best_bpb else 'not better'} than the best " \
                   f"single model ({best})"
         if self.merge is not None:
             verdict += f" and {'better' if self.routed < self.merge else 'not better'} than the uniform merge"
         lines.append(verdict)
+        lines += self._table_lines()
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def _table_lines(self) -> list[str]:
+        """The cost-quality table and the calibration rows, as text (none for an Arrow router)."""
+        if not self.table:
+            return []
         names = list(self.single)
-        lines += ["", "cost-quality table:",
+        lines = ["", "cost-quality table:",
                   "threshold  " + "  ".join(f"{n[:10]:>10}" for n in names) +
                   "  dear share  mean cost  bits/byte  accuracy"]
         for row in self.table:
@@ -149,8 +169,7 @@ class EvalReport:
             for cal in self.calibration:
                 lines.append(f"{cal.requested:20.1%}  {cal.threshold:9.4f}  {cal.achieved:13.1%}  "
                              f"{(cal.achieved - cal.requested) * 100:+5.1f} pt  {cal.stderr * 100:10.1f} pt")
-        lines += [f"note: {note}" for note in self.notes]
-        return "\n".join(lines)
+        return lines
 
 
 def _digest(folder: Path, names: Sequence[str]) -> str:
@@ -160,7 +179,7 @@ def _digest(folder: Path, names: Sequence[str]) -> str:
     return ""
 
 
-def mergeable_group(router: Router) -> list[int]:
+def mergeable_group(router: Router | Arrow) -> list[int]:
     """The largest set (≥ 2) of the router's models sharing tokenizer and architecture."""
     groups: dict[tuple[str, str], list[int]] = {}
     for index, model in enumerate(router.models):
@@ -180,7 +199,7 @@ def mergeable_group(router: Router) -> list[int]:
     return best if len(best) >= 2 else []
 
 
-def uniform_merge_column(router: Router, group: Sequence[int], examples: Sequence[Example], *,
+def uniform_merge_column(router: Router | Arrow, group: Sequence[int], examples: Sequence[Example], *,
                          device: str, batch_size: int, context: int | None,
                          use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``group`` with equal weights (``fusekit.merge``, linear) in a temporary folder and score it.
@@ -218,7 +237,7 @@ def _table_row(router: Router, q: torch.Tensor, scores: Scores, oracle: torch.Te
                     float((chosen == oracle).double().mean()))
 
 
-def _uniform_merge_bpb(router: Router, examples: Sequence[Example], *, device: str, batch_size: int,
+def _uniform_merge_bpb(router: Router | Arrow, examples: Sequence[Example], *, device: str, batch_size: int,
                        context: int | None, use_cache: bool) -> tuple[float | None, list[str]]:
     """Pooled bits per byte of a uniform merge of :func:`mergeable_group` and its models' names
     (None and [] when no two models can be merged)."""
@@ -230,7 +249,7 @@ def _uniform_merge_bpb(router: Router, examples: Sequence[Example], *, device: s
     return float(nll.sum() / n_bytes.sum()), [router.models[i].name for i in group]
 
 
-def _given_accuracies(router: Router, examples: Sequence[Example],
+def _given_accuracies(router: Router | Arrow, examples: Sequence[Example],
                       chosen: torch.Tensor) -> tuple[float | None, float | None]:
     """Agreement of ``chosen`` with the data's ``label`` fields and with its ``domain`` fields, each
     None unless every example has one naming a model."""
@@ -265,14 +284,14 @@ def _calibration_rows(router: Router, q: torch.Tensor, shares: Sequence[float] |
     return rows
 
 
-def _merge_comparison(router: Router, examples: Sequence[Example], with_merge: bool, *, device: str,
-                      batch_size: int, context: int | None,
-                      use_cache: bool) -> tuple[float | None, list[str], list[str]]:
+def _merge_comparison(router: Router | Arrow, examples: Sequence[Example], with_merge: bool,
+                      settings: _Settings) -> tuple[float | None, list[str], list[str]]:
     """The uniform merge's bits per byte, the models merged, and a note when none can be merged."""
     if not with_merge:
         return None, [], []
-    merge_bpb, merge_names = _uniform_merge_bpb(router, examples, device=device, batch_size=batch_size,
-                                                context=context, use_cache=use_cache)
+    merge_bpb, merge_names = _uniform_merge_bpb(router, examples, device=settings.device,
+                                                batch_size=settings.batch_size, context=settings.context,
+                                                use_cache=settings.use_cache)
     if merge_names:
         return merge_bpb, merge_names, []
     return None, [], ["no two models share tokenizer and architecture, so there is no uniform merge to "
@@ -281,9 +300,11 @@ def _merge_comparison(router: Router, examples: Sequence[Example], with_merge: b
 
 def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "cpu",
                     thresholds: Sequence[float] | None = None, shares: Sequence[float] | None = None,
-                    with_merge: bool = True, batch_size: int = 8,
-                    context: int | None = None, use_cache: bool = True) -> EvalReport:
+                    with_merge: bool = True, batch_size: int = 8, context: int | None = None,
+                    use_cache: bool = True, compare: Sequence[str | Path] = ()) -> EvalReport:
     """Score every model of the router on ``data`` and measure the router against them.
+
+    An Arrow router is measured by its own model's bits per byte (:func:`evaluate_arrow`).
 
     Args:
         router_dir: a folder written by ``fusekit route build``.
@@ -293,36 +314,35 @@ def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "
         thresholds: rows of the cost-quality table (default 0, 0.1, …, 1 and the router's own).
         shares: dear-call shares to calibrate on the router's calibration queries and check here
             (default 25%, 50%, 75% and the recipe's own).
-        with_merge: also merge the models that share tokenizer and architecture (uniform linear
-            merge) and score the merge.
+        with_merge: also score a uniform linear merge of the models sharing tokenizer and architecture.
         batch_size: examples per forward pass when scoring.
         context: longest scoring window in tokens (default: the model's, at most 1024).
         use_cache: take per-example scores from the score cache where the same model scored the
             same text before, and save new ones (:mod:`fusekit.lm.score_cache`); False scores afresh.
+        compare: more router folders (any kind) measured on the same data, reported beside it.
 
     Returns:
         The :class:`EvalReport`.
 
     Raises:
-        RouterFolderError: ``router_dir`` is not a router folder.
+        RouterFolderError: ``router_dir`` (or a ``compare`` folder) is not a router folder.
         RouteDataError: ``data`` is missing or malformed, or a label names no model of the router.
 
     Example:
         >>> print(evaluate_router("./router", "test.jsonl").format_text())  # doctest: +SKIP
     """
+    settings = _Settings(device, batch_size, context, use_cache)
+    if is_arrow_router(router_dir):
+        return evaluate_arrow(router_dir, data, settings, with_merge=with_merge, compare=compare)
     router = load_router(router_dir, device=device)
     examples = load_examples(data, models=router.names)
-    queries = [e.query for e in examples]
-    scores = score_matrix([m.reference() for m in router.models], examples, device=device,
-                          batch_size=batch_size, context=context, use_cache=use_cache)
+    scores = _scores(router, examples, settings)
     bpb = scores.bits_per_byte
     oracle = bpb.argmin(1)
-    q = router.probabilities(queries)
+    q = router.probabilities([e.query for e in examples])
     chosen = choose(q, router.order, router.threshold)
     given, domain = _given_accuracies(router, examples, chosen)
-    merge_bpb, merge_names, notes = _merge_comparison(router, examples, with_merge, device=device,
-                                                      batch_size=batch_size, context=context,
-                                                      use_cache=use_cache)
+    merge_bpb, merge_names, notes = _merge_comparison(router, examples, with_merge, settings)
     rows = sorted(set(DEFAULT_THRESHOLDS if thresholds is None else thresholds) | {router.threshold})
     table = [_table_row(router, q, scores, oracle, t) for t in rows]
     calibration = _calibration_rows(router, q, shares, len(examples))
@@ -336,6 +356,7 @@ def evaluate_router(router_dir: str | Path, data: str | Path, *, device: str = "
         single={name: scores.pooled(torch.full_like(oracle, i)) for i, name in enumerate(router.names)},
         merge=merge_bpb, merge_models=merge_names, table=table, calibration=calibration,
         calibration_source=router.info.get("calibration", {}).get("data"), notes=notes,
+        router_type=router.fitted.kind, compared=compare_routers(compare, examples, settings),
         **_oracle_costs(router, oracle))
 
 
@@ -345,3 +366,77 @@ def _oracle_costs(router: Router, oracle: torch.Tensor) -> dict[str, Any]:
     dear = torch.isin(oracle, torch.tensor(router.dear_indices(), dtype=torch.long))
     return {"costs": dict(zip(router.names, costs.tolist(), strict=True)),
             "oracle_dear_share": float(dear.double().mean()), "oracle_mean_cost": float(costs[oracle].mean())}
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """How models run and score during an evaluation."""
+
+    device: str
+    batch_size: int
+    context: int | None
+    use_cache: bool
+
+
+def _scores(router: Router | Arrow, examples: Sequence[Example], settings: _Settings) -> Scores:
+    """Every model of ``router`` scored on ``examples`` (adapters on one shared base; cached scores
+    reused)."""
+    return score_matrix([m.reference() for m in router.models], examples, device=settings.device,
+                        batch_size=settings.batch_size, context=settings.context,
+                        use_cache=settings.use_cache)
+
+
+def _pooled_arrow(router_dir: str | Path, examples: Sequence[Example], settings: _Settings,
+                  *, weights: bool = False) -> tuple[float, torch.Tensor | None]:
+    """The Arrow router's pooled bits per byte on ``examples`` and, with ``weights``, each adapter's
+    ``(n, n_adapters)`` mean Arrow weight per example (its model is loaded once, then released)."""
+    from fusekit.route.arrow import load_arrow, load_arrow_lm, routing_weights, score_arrow
+
+    lm = load_arrow_lm(load_arrow(router_dir), device=settings.device)
+    nll, n_bytes = score_arrow(lm, examples, batch_size=settings.batch_size, context=settings.context)
+    queries = [e.query for e in examples]
+    mean = routing_weights(lm, queries, batch_size=settings.batch_size) if weights else None
+    return float(nll.sum() / n_bytes.sum()), mean
+
+
+def compare_routers(folders: Sequence[str | Path], examples: Sequence[Example],
+                    settings: _Settings) -> dict[str, float]:
+    """Each router folder's pooled bits per byte on ``examples``, by folder (a fitted router's models
+    score from the score cache where they can; an Arrow router runs its model)."""
+    out: dict[str, float] = {}
+    for folder in folders:
+        if is_arrow_router(folder):
+            out[str(folder)] = _pooled_arrow(folder, examples, settings)[0]
+            continue
+        router = load_router(folder, device=settings.device)
+        scores = _scores(router, examples, settings)
+        out[str(folder)] = scores.pooled(router.route_indices([e.query for e in examples]))
+    return out
+
+
+def evaluate_arrow(router_dir: str | Path, data: str | Path, settings: _Settings, *, with_merge: bool = True,
+                   compare: Sequence[str | Path] = ()) -> EvalReport:
+    """:func:`evaluate_router` for an Arrow router: its model's bits per byte (``routed``) beside each
+    adapter alone, the oracle (the best adapter per example) and the uniform merge; its routing
+    accuracy counts the adapter with the largest mean Arrow weight per example. No thresholds."""
+    from fusekit.route.arrow import load_arrow
+
+    arrow = load_arrow(router_dir)
+    examples = load_examples(data, models=arrow.names)
+    scores = _scores(arrow, examples, settings)
+    routed, weights = _pooled_arrow(router_dir, examples, settings, weights=True)
+    assert weights is not None
+    bpb, chosen = scores.bits_per_byte, weights.argmax(1)
+    oracle = bpb.argmin(1)
+    given, domain = _given_accuracies(arrow, examples, chosen)
+    merge_bpb, merge_names, notes = _merge_comparison(arrow, examples, with_merge, settings)
+    notes.append(f"Arrow mixes the top {arrow.top_k} adapter(s) per token and layer, so its bits per byte "
+                 "can beat the oracle, which keeps one adapter per example")
+    return EvalReport(
+        router=str(router_dir), data=str(data), examples=len(examples), threshold=0.0,
+        accuracy=float((chosen == oracle).double().mean()), near_oracle=near_oracle(bpb, chosen),
+        accuracy_given=given, accuracy_domain=domain, routed=routed, oracle=scores.pooled(oracle),
+        single={name: scores.pooled(torch.full_like(oracle, i)) for i, name in enumerate(arrow.names)},
+        merge=merge_bpb, merge_models=merge_names, table=[], calibration=[], notes=notes,
+        costs={m.name: m.cost for m in arrow.models}, router_type="arrow",
+        compared=compare_routers(compare, examples, settings))

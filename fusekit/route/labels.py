@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fusekit.errors import FusekitError
 from fusekit.progress import label
 from fusekit.route.data import Example, RouteDataError
+
+if TYPE_CHECKING:
+    from fusekit.lm.load import LoadedLM
 
 log = logging.getLogger("fusekit")
 
@@ -51,37 +55,90 @@ class Scores:
 
 
 def score_column(ref: str, examples: Sequence[Example], *, device: str = "cpu", batch_size: int = 8,
-                 context: int | None = None, use_cache: bool = True,
-                 desc: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 context: int | None = None, use_cache: bool = True, desc: str | None = None,
+                 load: Callable[[], LoadedLM] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One model's ``(nll_bits, n_bytes)`` over ``examples`` (both ``(n,)`` float64).
 
     Scores come from the score cache where this model has scored the same text with the same
-    settings before (:mod:`fusekit.lm.score_cache`; ``use_cache=False`` scores everything afresh).
+    settings before (:mod:`fusekit.lm.score_cache`; ``use_cache=False`` scores everything afresh);
+    ``load``, when given, returns the model already loaded (called only if something must be scored).
     """
     from fusekit.lm.score_cache import score_texts_cached
 
+    texts = scored_texts(examples)
+    scores = score_texts_cached(ref, texts, device=device, context=context, batch_size=batch_size,
+                                use_cache=use_cache, desc=desc, load=load)
+    return column_from_scores(examples, [s.nll_nats for s in scores])
+
+
+class SharedMembers:
+    """Loads the adapters among ``refs`` together, on first need, with
+    :func:`fusekit.lm.library.load_members` (adapters over one base share it); full models are left
+    to the caller (loaded one at a time).
+
+    Args:
+        refs: model references.
+        device: where the models run.
+    """
+
+    def __init__(self, refs: Sequence[str], *, device: str) -> None:
+        from fusekit.io.refs import resolve_model
+
+        self.refs = list(refs)
+        self.device = device
+        adapters = [i for i, ref in enumerate(refs) if resolve_model(ref).adapter is not None]
+        self.adapters = adapters if len(adapters) >= 2 else []
+        self._loaded: dict[int, LoadedLM] = {}
+
+    def loader(self, index: int) -> Callable[[], LoadedLM] | None:
+        """A function returning model ``index`` loaded beside the other adapters, or None (a full
+        model, or the only adapter)."""
+        if index not in self.adapters:
+            return None
+        return lambda: self.get(index)
+
+    def get(self, index: int) -> LoadedLM:
+        """Model ``index``, loading every adapter of ``refs`` at the first call."""
+        if not self._loaded:
+            from fusekit.lm.library import load_members
+
+            members = load_members([self.refs[i] for i in self.adapters], device=self.device)
+            self._loaded = dict(zip(self.adapters, members, strict=True))
+        return self._loaded[index]
+
+
+def scored_texts(examples: Sequence[Example]) -> list[str]:
+    """The texts a model scores for ``examples``: each example's full text (prompt + completion, or
+    the text), then the prompt alone of each example that has a completion."""
     full = [e.query + e.completion if e.completion is not None else e.query for e in examples]
+    return full + [e.query for e in examples if e.completion is not None]
+
+
+def column_from_scores(examples: Sequence[Example],
+                       nll_nats: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nll_bits, n_bytes)`` of ``examples`` from the NLL in nats of :func:`scored_texts`' texts:
+    a completion is scored as the full text's NLL less the prompt's."""
     prompts = [i for i, e in enumerate(examples) if e.completion is not None]
-    scores = score_texts_cached(ref, full + [examples[i].query for i in prompts], device=device,
-                                context=context, batch_size=batch_size, use_cache=use_cache, desc=desc)
-    nll = torch.tensor([s.nll_nats for s in scores[:len(full)]], dtype=torch.float64)
+    nll = torch.tensor(nll_nats[:len(examples)], dtype=torch.float64)
     if prompts:
-        nll[prompts] -= torch.tensor([s.nll_nats for s in scores[len(full):]], dtype=torch.float64)
+        nll[prompts] -= torch.tensor(nll_nats[len(examples):], dtype=torch.float64)
     n_bytes = torch.tensor([len(e.scored_text.encode("utf-8")) for e in examples], dtype=torch.float64)
     return nll / math.log(2), n_bytes
 
 
 def score_matrix(refs: Sequence[str], examples: Sequence[Example], *, device: str = "cpu",
                  batch_size: int = 8, context: int | None = None, use_cache: bool = True) -> Scores:
-    """Every model's score on every example (one model in memory at a time, none for cached scores)."""
+    """Every model's score on every example: LoRA adapters loaded together on one shared base, other
+    models one at a time; none loaded for cached scores."""
     columns = []
     n_bytes = torch.zeros(len(examples), dtype=torch.float64)
+    shared = SharedMembers(refs, device=device)
     for index, ref in enumerate(refs):
         log.info("scoring %d examples with %s", len(examples), ref)
         desc = (f"scoring {len(examples)} examples x {len(refs)} models: {label(ref)} "
                 f"({index + 1}/{len(refs)})")
         nll, n_bytes = score_column(ref, examples, device=device, batch_size=batch_size, context=context,
-                                    use_cache=use_cache, desc=desc)
+                                    use_cache=use_cache, desc=desc, load=shared.loader(index))
         columns.append(nll)
     return Scores(torch.stack(columns, dim=1), n_bytes)
 

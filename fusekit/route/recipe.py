@@ -161,8 +161,39 @@ class MfRouter(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0.0)
 
 
+class ArrowRouter(_Strict):
+    """Arrow (Ostapenko et al. 2024) over LoRA adapters of one base, run by PEFT (``peft.ArrowConfig``):
+    in every adapted layer each token goes to the ``top_k`` adapters whose top right singular vector of
+    ΔW = B A best matches its hidden state (|cosine|), weighted by a softmax at ``router_temperature``.
+    No data and no training. ``use_gks`` (GenKnowSub) first subtracts the mean of the general
+    ``gks_adapters`` from every adapter; ``rng_seed`` seeds PEFT's power iteration."""
+
+    type: Literal["arrow"]
+    top_k: int = Field(default=2, ge=1)
+    router_temperature: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    use_gks: bool = False
+    gks_adapters: list[ModelRefText] = Field(default_factory=list)
+    rng_seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _gks(self) -> ArrowRouter:
+        if self.use_gks and not self.gks_adapters:
+            raise ValueError("use_gks: true subtracts the mean of general adapters; list them as "
+                             "gks_adapters")
+        if self.gks_adapters and not self.use_gks:
+            raise ValueError("gks_adapters are used only with use_gks: true; set it, or drop them")
+        return self
+
+
 RouterSpec = Annotated[KnnRouter | LogisticRouter | MlpRouter | MfRouter, Field(discriminator="type")]
 """The recipe's ``router:`` settings, one of four kinds; :func:`fusekit.route.fitted.fit_router` trains it."""
+
+AnyRouterSpec = Annotated[KnnRouter | LogisticRouter | MlpRouter | MfRouter | ArrowRouter,
+                          Field(discriminator="type")]
+"""A fitted router's settings, or ``arrow`` (nothing to fit: :mod:`fusekit.route.arrow`)."""
+
+_DATA_KEYS = ("labels", "features", "calibrate", "threshold", "folds", "fold_block")
+"""Keys that shape a router learned from data: an Arrow recipe refuses them."""
 
 
 class Calibrate(_Strict):
@@ -179,10 +210,10 @@ class RouteRecipe(_Strict):
     data, and how to label, featurize, fit and calibrate. Unknown keys are refused."""
 
     models: list[RouteModel] = Field(min_length=1)
-    data: str
+    data: str | None = None
     labels: Annotated[Labels, BeforeValidator(_method_shorthand)] = Labels()
     features: Annotated[Features, BeforeValidator(_type_shorthand)] = TfidfFeatures(type="tfidf")
-    router: Annotated[RouterSpec, BeforeValidator(_type_shorthand)] = KnnRouter(type="knn")
+    router: Annotated[AnyRouterSpec, BeforeValidator(_type_shorthand)] = KnnRouter(type="knn")
     calibrate: Annotated[Calibrate | None, BeforeValidator(_share_shorthand)] = None
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     folds: int = Field(default=5, ge=0)
@@ -191,13 +222,22 @@ class RouteRecipe(_Strict):
 
     @field_validator("data")
     @classmethod
-    def _not_empty(cls, value: str) -> str:
-        if not value.strip():
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must be the path of a JSONL file")
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RouteRecipe:
+        if isinstance(self.router, ArrowRouter):
+            given = [key for key in _DATA_KEYS if key in self.model_fields_set]
+            if given:
+                raise ValueError(f"router: arrow needs no data and learns nothing, so "
+                                 f"{', '.join(repr(k) for k in given)} has no effect; remove it")
+            return self
+        if self.data is None:
+            raise ValueError(f"'data' (a JSONL file of examples) is required for router: "
+                             f"{self.router.type}; only router: arrow works without data")
         if self.calibrate is not None and self.threshold is not None:
             raise ValueError("give either 'calibrate' (a target share) or 'threshold', not both")
         if self.folds == 1:
@@ -221,6 +261,9 @@ def _check(recipe: RouteRecipe) -> list[tuple[Location, str]]:
             problems.append((("models", index), f"two models are called '{entry.label}' (models["
                              f"{seen[entry.label]}] too); give one of them a distinct 'name'"))
         seen.setdefault(entry.label, index)
+    if isinstance(recipe.router, ArrowRouter) and recipe.router.top_k > len(recipe.models):
+        problems.append((("router", "top_k"), f"{recipe.router.top_k} is more than the "
+                         f"{len(recipe.models)} adapters in 'models'; use at most {len(recipe.models)}"))
     if recipe.labels.method == "pairwise" and len(recipe.models) != 2:
         problems.append((("labels",), f"pairwise labels compare exactly two models, the recipe lists "
                          f"{len(recipe.models)}; use 'loss' for more"))

@@ -74,14 +74,15 @@ class Decision:
     Attributes:
         model: the chosen model.
         index: its position in the router's ``models``.
-        probabilities: every model's probability of being the best for the query, by name.
-        threshold: the threshold the decision was made at.
+        probabilities: every model's probability of being the best for the query, by name (for an
+            Arrow router: each adapter's mean mixing weight over the query's tokens and layers).
+        threshold: the threshold the decision was made at (None for an Arrow router).
     """
 
     model: RoutedModel
     index: int
     probabilities: dict[str, float]
-    threshold: float
+    threshold: float | None
 
 
 @dataclass
@@ -256,22 +257,17 @@ def router_card(name: str, router: Router, recipe_text: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_router(folder: Path | str, *, device: str = "cpu") -> Router:
-    """Read a router folder written by ``fusekit route build``.
+def read_router_config(folder: Path | str) -> dict[str, Any]:
+    """The checked ``router.json`` of a router folder (any kind, Arrow too).
 
     Args:
         folder: the router folder.
-        device: where the featurizer's model runs, for ``hidden``/``embedding`` features.
 
     Returns:
-        The :class:`Router`, ready to route.
-
-    Example:
-        >>> load_router("./router").route("int main(void) {").model.name  # doctest: +SKIP
-        'c'
+        The parsed config, after its format, version and the recorded file digests are checked.
 
     Raises:
-        RouterFolderError: the folder is missing or is not a fusekit router.
+        RouterFolderError: the folder is missing, is not a fusekit router, or its files were changed.
     """
     folder = Path(folder)
     not_router = f"'{folder}' is not a fusekit router folder"
@@ -294,6 +290,49 @@ def load_router(folder: Path | str, *, device: str = "cpu") -> Router:
 
     if (mismatch := digest_mismatch(folder, CONFIG_FILE, config)) is not None:
         raise RouterFolderError(f"{mismatch}; rebuild the router with fusekit route build")
+    return config
+
+
+def router_type(config: dict[str, Any]) -> str | None:
+    """The ``router.type`` a router config names (``knn``, ..., ``arrow``), or None."""
+    router = config.get("router")
+    return router.get("type") if isinstance(router, dict) else None
+
+
+def is_arrow_router(folder: Path | str) -> bool:
+    """Whether ``folder`` is an Arrow router folder (a checked router config of type ``arrow``).
+
+    Raises:
+        RouterFolderError: as :func:`read_router_config`.
+    """
+    return router_type(read_router_config(folder)) == "arrow"
+
+
+def load_router(folder: Path | str, *, device: str = "cpu") -> Router:
+    """Read a router folder written by ``fusekit route build`` (a router that picks one model per
+    query; an Arrow router is read by :func:`fusekit.route.arrow.load_arrow`).
+
+    Args:
+        folder: the router folder.
+        device: where the featurizer's model runs, for ``hidden``/``embedding`` features.
+
+    Returns:
+        The :class:`Router`, ready to route.
+
+    Example:
+        >>> load_router("./router").route("int main(void) {").model.name  # doctest: +SKIP
+        'c'
+
+    Raises:
+        RouterFolderError: the folder is missing or is not a fusekit router, or is an Arrow router.
+    """
+    folder = Path(folder)
+    not_router = f"'{folder}' is not a fusekit router folder"
+    config = read_router_config(folder)
+    if router_type(config) == "arrow":
+        raise RouterFolderError(f"'{folder}' is an Arrow router: it routes each token inside the model, "
+                                "so it has no per-query choice or threshold; use it with route run, "
+                                "route eval or fusekit score")
     try:
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except (FileNotFoundError, SafetensorError, OSError) as exc:

@@ -10,7 +10,7 @@ from typing import Any
 
 from fusekit.route.data import load_examples
 from fusekit.route.policy import choose
-from fusekit.route.router import Decision, load_router
+from fusekit.route.router import Decision, is_arrow_router, load_router
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,8 @@ def run_router(router_dir: str | Path, prompt: str, *, generate: bool = False, m
     """
     import time
 
+    if is_arrow_router(router_dir):
+        return _run_arrow(router_dir, prompt, generate=generate, max_new_tokens=max_new_tokens, device=device)
     router = load_router(router_dir, device=device)
     router.probabilities([prompt])  # builds the lookup tables once, so the timing below is one decision
     start = time.perf_counter()
@@ -79,7 +81,11 @@ def route_file(router_dir: str | Path, data: str | Path, *, generate: bool = Fal
                threshold: float | None = None, device: str = "cpu") -> list[dict[str, Any]]:
     """Route every query of a JSONL file (``text`` or ``prompt``); one record per query, in order:
     its ``line``, the chosen ``model`` and every model's ``probabilities`` and, with ``generate``,
-    the chosen model's ``answer`` (each model is loaded once, for all the queries routed to it)."""
+    the chosen model's ``answer`` (adapters over one base share one loaded base, and each model is
+    loaded once, for all the queries routed to it). For an Arrow router ``model`` is the adapter with
+    the largest mean weight, ``probabilities`` the mean weights, and the Arrow model answers."""
+    if is_arrow_router(router_dir):
+        return _arrow_file(router_dir, data, generate=generate, max_new_tokens=max_new_tokens, device=device)
     router = load_router(router_dir, device=device)
     examples = load_examples(data, queries_only=True)
     queries = [e.query for e in examples]
@@ -89,11 +95,77 @@ def route_file(router_dir: str | Path, data: str | Path, *, generate: bool = Fal
         {"line": e.line, "model": router.names[m], "probabilities": dict(zip(router.names, row, strict=True))}
         for e, m, row in zip(examples, chosen, q.tolist(), strict=True)]
     if generate:
-        for index, model in enumerate(router.models):
-            mine = [i for i, m in enumerate(chosen) if m == index]
-            if mine:
-                answers = generate_answers(model.reference(), [queries[i] for i in mine],
-                                           max_new_tokens=max_new_tokens, device=device)
-                for i, answer in zip(mine, answers, strict=True):
-                    records[i]["answer"] = answer
+        _answer_chosen([m.reference() for m in router.models], queries, chosen, records,
+                       max_new_tokens=max_new_tokens, device=device)
+    return records
+
+
+def _answer_chosen(refs: Sequence[str], queries: Sequence[str], chosen: Sequence[int],
+                   records: list[dict[str, Any]], *, max_new_tokens: int, device: str) -> None:
+    """Set each record's ``answer``: the continuation of its query by the model it was routed to.
+
+    Only the chosen models are loaded: LoRA adapters together, on one shared base
+    (:class:`fusekit.route.labels.SharedMembers`), full models one at a time; each model answers all
+    of its queries in one batch."""
+    import gc
+
+    from fusekit.lm.generate import generate
+    from fusekit.route.labels import SharedMembers
+
+    used = sorted(set(chosen))
+    shared = SharedMembers([refs[i] for i in used], device=device)
+    for position, index in enumerate(used):
+        mine = [i for i, m in enumerate(chosen) if m == index]
+        load = shared.loader(position)
+        if load is not None:
+            answers = generate(load(), [queries[i] for i in mine], max_new_tokens=max_new_tokens)
+        else:
+            answers = generate_answers(refs[index], [queries[i] for i in mine], max_new_tokens=max_new_tokens,
+                                       device=device)
+        for i, answer in zip(mine, answers, strict=True):
+            records[i]["answer"] = answer
+    del shared
+    gc.collect()
+
+
+def _run_arrow(router_dir: str | Path, prompt: str, *, generate: bool, max_new_tokens: int,
+               device: str) -> RunResult:
+    """:func:`run_router` for an Arrow router: the adapter with the largest mean weight over the
+    prompt's tokens and layers is the "chosen" one; with ``generate`` the Arrow model answers."""
+    import time
+
+    from fusekit.lm.generate import generate as continue_prompts
+    from fusekit.route.arrow import load_arrow, load_arrow_lm, routing_weights
+
+    arrow = load_arrow(router_dir)
+    lm = load_arrow_lm(arrow, device=device)
+    start = time.perf_counter()
+    weights = routing_weights(lm, [prompt])[0]
+    seconds = time.perf_counter() - start
+    index = int(weights.argmax())
+    probabilities = dict(zip(arrow.names, weights.tolist(), strict=True))
+    decision = Decision(arrow.models[index], index, probabilities, None)
+    answer = continue_prompts(lm, [prompt], max_new_tokens=max_new_tokens)[0] if generate else None
+    return RunResult(decision, answer, seconds)
+
+
+def _arrow_file(router_dir: str | Path, data: str | Path, *, generate: bool, max_new_tokens: int,
+                device: str) -> list[dict[str, Any]]:
+    """:func:`route_file` for an Arrow router (one Arrow model answers every query)."""
+    from fusekit.lm.generate import generate as continue_prompts
+    from fusekit.route.arrow import load_arrow, load_arrow_lm, routing_weights
+
+    arrow = load_arrow(router_dir)
+    examples = load_examples(data, queries_only=True)
+    queries = [e.query for e in examples]
+    lm = load_arrow_lm(arrow, device=device)
+    weights = routing_weights(lm, queries)
+    records: list[dict[str, Any]] = [
+        {"line": e.line, "model": arrow.names[int(row.argmax())],
+         "probabilities": dict(zip(arrow.names, row.tolist(), strict=True))}
+        for e, row in zip(examples, weights, strict=True)]
+    if generate:
+        for record, answer in zip(records, continue_prompts(lm, queries, max_new_tokens=max_new_tokens),
+                                  strict=True):
+            record["answer"] = answer
     return records
