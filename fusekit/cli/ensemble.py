@@ -19,6 +19,7 @@ from fusekit.cli.options import (
     Format,
     FormatOpt,
     JsonOpt,
+    NoCacheOpt,
     OutOpt,
     PlotOpt,
     PromptsOpt,
@@ -158,6 +159,52 @@ def score(
 def _score(s: Any) -> dict[str, Any]:
     return {"bits_per_byte": s.bits_per_byte, "perplexity": s.perplexity, "tokens": s.n_tokens,
             "nll_nats": s.nll_nats}
+
+
+LearnDataOpt = Annotated[Path, typer.Option("--data", help="JSONL file of {\"text\": ...} rows, or a plain "
+                                            "UTF-8 text file, to fit the weights on.", show_default=False,
+                                            metavar="FILE")]
+LearnOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Recipe to write (default: RECIPE's "
+                                                  "name + .learned.yaml beside it).", show_default=False)]
+
+
+@ensemble_app.command("learn-weights", epilog="Example: fusekit ensemble learn-weights "
+                      "configs/ensemble/prob_avg.yaml --data demo-out/experts/data/train.jsonl")
+def learn_weights(
+    recipe: RecipeArg,
+    data: LearnDataOpt,
+    out: LearnOutOpt = None,
+    device: DeviceOpt = Device.cpu,
+    batch_size: BatchSizeOpt = 8,
+    no_cache: NoCacheOpt = False,
+    quiet: QuietOpt = False,
+    output_format: FormatOpt = Format.text,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit the member weights of a prob_avg RECIPE to --data (lowest bits per byte over the weight
+    simplex, from per-token log-probabilities cached per member) and write the recipe with them.
+
+    Prints each member's weight and the bits per byte before and after."""
+    from fusekit.io.outputs import check_out_file
+    from fusekit.select.data import read_data_texts
+    from fusekit.select.learned import learn_recipe_weights
+    from fusekit.select.recipes import write_recipe
+
+    show_progress(quiet)
+    target = check_out_file(out or recipe.with_name(f"{recipe.stem}.learned.yaml"), option="--out",
+                            inputs=[("data file", data)] + ([] if out is not None else [("recipe", recipe)]))
+    result = learn_recipe_weights(recipe, read_data_texts(data), device=device.value, use_cache=not no_cache,
+                                  batch_size=batch_size)
+    write_recipe(target, result.recipe_text)
+    if wants_json(output_format, as_json):
+        typer.echo(json.dumps({**result.to_json(), "recipe": str(target)}, indent=2))
+        return
+    width = max(len(r) for r in result.refs)
+    typer.echo(f"{'member':<{width}}  before   after")
+    for ref, before, after in zip(result.refs, result.before, result.after, strict=True):
+        typer.echo(f"{ref:<{width}}  {before:.4f}  {after:.4f}" + ("  (left out)" if after == 0 else ""))
+    typer.echo(f"bits per byte on {data}: {result.before_bpb:.4f} before, {result.after_bpb:.4f} after")
+    typer.echo(f"wrote {target}")
 
 
 @ensemble_app.command(epilog="Example: fusekit ensemble check configs/ensemble/union.yaml")

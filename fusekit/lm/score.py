@@ -163,8 +163,9 @@ def _run_windows(lm: LoadedLM, windows: Sequence[_Window], batch_size: int, desc
     return nll
 
 
-def _run_batch(lm: LoadedLM, chunk: Sequence[_Window], indices: Sequence[int], nll: list[float]) -> None:
-    """Score one batch of windows (right padding); ``nll[indices[row]]`` gets row's summed NLL."""
+def window_batch(chunk: Sequence[_Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch of windows, right-padded: ``(ids, attention_mask, scored)``, the first two
+    ``(batch, width)``, ``scored`` ``(batch, width - 1)`` marking the next-token positions charged."""
     width = max(len(w.ids) for w in chunk)
     ids = torch.zeros(len(chunk), width, dtype=torch.long)
     mask = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -173,10 +174,40 @@ def _run_batch(lm: LoadedLM, chunk: Sequence[_Window], indices: Sequence[int], n
         ids[row, :len(w.ids)] = torch.tensor(w.ids)
         mask[row, :len(w.ids)] = 1
         scored[row, w.first - 1:len(w.ids) - 1] = True
+    return ids, mask, scored
+
+
+def _run_batch(lm: LoadedLM, chunk: Sequence[_Window], indices: Sequence[int], nll: list[float]) -> None:
+    """Score one batch of windows (right padding); ``nll[indices[row]]`` gets row's summed NLL."""
+    ids, mask, scored = window_batch(chunk)
     logprobs = token_logprobs(lm, ids, mask).double().cpu()
     sums = torch.where(scored, -logprobs, torch.zeros((), dtype=torch.float64)).sum(dim=1)
     for row, i in enumerate(indices):
         nll[i] = float(sums[row])
+
+
+def text_windows(lm: LoadedLM, texts: Sequence[str], *, context: int | None = None,
+                 stride: int | None = None) -> tuple[list[_Window], list[TextScore]]:
+    """The windows :func:`score_texts` runs, and each text's score before them: its bytes, its
+    tokens and the first token's charge (0, or ``ln(vocab)`` without BOS and EOS)."""
+    context, stride = resolve_window(lm, context, stride)
+    start = _start_token(lm)
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    windows: list[_Window] = []
+    scores: list[TextScore] = []
+    for index, text in enumerate(texts):
+        if not text:
+            raise FusekitError(f"text {index} is empty; there is nothing to score")
+        ids = encode(lm, text)
+        n_bytes = len(text.encode("utf-8"))
+        if start is not None:
+            seq = [start, *ids]
+            scores.append(TextScore(n_bytes, len(ids), 0.0))
+        else:  # no BOS or EOS: the first token is charged ln(vocab), a uniform guess
+            seq = ids
+            scores.append(TextScore(n_bytes, len(ids), math.log(vocab)))
+        windows.extend(sliding_windows(index, seq, context, stride))
+    return windows, scores
 
 
 def score_texts(lm: LoadedLM, texts: Sequence[str], *, context: int | None = None,
@@ -200,23 +231,7 @@ def score_texts(lm: LoadedLM, texts: Sequence[str], *, context: int | None = Non
     Raises:
         FusekitError: a text is empty, the model has no tokenizer, or context/stride are invalid.
     """
-    context, stride = resolve_window(lm, context, stride)
-    start = _start_token(lm)
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
-    windows: list[_Window] = []
-    scores: list[TextScore] = []
-    for index, text in enumerate(texts):
-        if not text:
-            raise FusekitError(f"text {index} is empty; there is nothing to score")
-        ids = encode(lm, text)
-        n_bytes = len(text.encode("utf-8"))
-        if start is not None:
-            seq = [start, *ids]
-            scores.append(TextScore(n_bytes, len(ids), 0.0))
-        else:  # no BOS or EOS: the first token is charged ln(vocab), a uniform guess
-            seq = ids
-            scores.append(TextScore(n_bytes, len(ids), math.log(vocab)))
-        windows.extend(sliding_windows(index, seq, context, stride))
+    windows, scores = text_windows(lm, texts, context=context, stride=stride)
     desc = desc or f"scoring {len(texts)} text{'s' if len(texts) != 1 else ''} with {label(lm.ref)}"
     for window, nll in zip(windows, _run_windows(lm, windows, batch_size, desc), strict=True):
         scores[window.text].nll_nats += nll
