@@ -1,5 +1,6 @@
-"""Pictures of reports: ``route eval --plot`` (the cost-quality curve) and ``ensemble score --plot``
-(the ensemble against its members), drawn with matplotlib, fusekit's optional ``plot`` extra.
+"""Pictures of reports: ``route eval --plot`` (the cost-quality curve), ``ensemble score --plot``
+(the ensemble against its members) and ``fusekit tune``'s ``progress.png`` (each candidate and the best
+so far), drawn with matplotlib, fusekit's optional ``plot`` extra.
 
 What is drawn is computed first, without matplotlib, by :func:`route_curve_series` and
 :func:`ensemble_bar_series`, so tests compare the plotted numbers with the report's. Drawing uses the
@@ -12,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +185,53 @@ def plot_ensemble_bars(rows: Sequence[Mapping[str, Any]], path: str | Path) -> P
     ax.set_ylabel("bits per byte (lower is better)")
     ax.set_title("ensemble score: the ensemble against each member alone")
     ax.margins(y=0.15)
+    return _save(figure, Path(path))
+
+
+def tune_progress_series(scores: Sequence[float]) -> tuple[tuple[Point, ...], tuple[Point, ...]]:
+    """The points of ``fusekit tune``'s ``progress.png``: each candidate's score and the best so far.
+
+    Args:
+        scores: each candidate's data bits per byte, in evaluation order.
+
+    Returns:
+        ``(current, best)``: x is the evaluation number (from 1), y bits per byte.
+    """
+    current = tuple(Point(f"candidate {i}", float(i + 1), float(s)) for i, s in enumerate(scores))
+    best, low = [], math.inf
+    for point in current:
+        low = min(low, point.y)
+        best.append(Point(point.label, point.x, low))
+    return current, tuple(best)
+
+
+def plot_tune_progress(scores: Sequence[float], path: str | Path, *, title: str = "fusekit tune",
+                       levels: Mapping[str, float] | None = None) -> Path:
+    """Draw each candidate's score and the best so far against evaluations to ``path``.
+
+    Args:
+        scores: each candidate's data bits per byte, in order.
+        path: a ``.png``, ``.svg`` or ``.pdf`` file, written atomically.
+        title: the plot's title.
+        levels: horizontal reference lines (name → bits per byte), e.g. the uniform merge.
+
+    Returns:
+        The file written.
+    """
+    current, best = tune_progress_series(scores)
+    figure, ax = _figure()
+    ax.plot([p.x for p in current], [p.y for p in current], "o", color="tab:blue", markersize=3,
+            alpha=0.6, label="candidate")
+    ax.plot([p.x for p in best], [p.y for p in best], "-", color="tab:orange", linewidth=2,
+            label="best so far")
+    for index, (name, level) in enumerate((levels or {}).items()):
+        ax.axhline(level, color=_COLOURS[(index + 1) % len(_COLOURS)], linestyle="--", linewidth=1,
+                   label=name)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("bits per byte on the data (lower is better)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     return _save(figure, Path(path))
 
 

@@ -43,7 +43,7 @@ FOR = {"merge": "fusekit merge {path} OUT_DIR", "moe": "fusekit moe {path} OUT_D
 def _config_kind(path: Path) -> str | None:
     """What a recipe in configs/ is by where it lives (None: a CI workflow, not a recipe)."""
     folder = path.relative_to(CONFIGS).parts[0]
-    if folder in ("ensemble", "route", "moe"):
+    if folder in ("ensemble", "route", "moe", "serve"):
         return folder
     first = next(yaml.safe_load_all(path.read_text(encoding="utf-8")))
     return None if "jobs" in first else "merge"

@@ -79,14 +79,19 @@ def _write_atomically(path: Path, text: str) -> None:
 
 @app.command(epilog="Example: fusekit validate configs/ties.yaml --strict")
 def validate(recipe: RecipeArg, strict: StrictOpt = False, quiet: QuietOpt = False) -> None:
-    """Check a merge, multi-stage or MoE recipe without reading any model (fusekit plan also checks
-    the models)."""
+    """Check a merge, multi-stage, MoE or tune recipe without reading any model (fusekit plan also
+    checks the models)."""
     show_progress(quiet)
     from fusekit.moe.recipe import is_moe_recipe, load_moe_recipe
     from fusekit.recipe import load_merge_recipe
     from fusekit.recipe.stages import is_multistage, load_stages
+    from fusekit.tune.spec import is_tune_recipe, load_tune_spec
 
-    if is_moe_recipe(recipe):
+    if is_tune_recipe(recipe):
+        spec = load_tune_spec(recipe)
+        typer.echo(f"{recipe}: a valid tune recipe ({spec.kind}, {len(spec.space.dims)} dimensions, "
+                   f"optimizer {spec.settings.optimizer})")
+    elif is_moe_recipe(recipe):
         moe = load_moe_recipe(recipe)[0]
         typer.echo(f"{recipe}: a valid MoE recipe ({len(moe.experts)} experts)")
     elif is_multistage(recipe):

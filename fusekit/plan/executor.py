@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,6 +78,8 @@ class Executor:
         pipelined: overlap reading, computing and writing on three threads.
         progress: show a progress bar on stderr.
         guard: resume and checking: tensors of kept shards are skipped and the writer comes from it.
+        sink: makes the writer instead (ShardWriter's arguments), e.g.
+            :class:`~fusekit.io.memory_writer.MemoryWriter` to keep the tensors in memory.
 
     Example:
         >>> executor = Executor(plan, device=torch.device("cpu"), max_shard_bytes=None)  # doctest: +SKIP
@@ -85,9 +88,11 @@ class Executor:
 
     def __init__(self, plan: TaskGraph | Plan, *, device: torch.device, max_shard_bytes: int | None,
                  seed: int = 0, max_memory: int | None = None, pipelined: bool = True,
-                 progress: bool = False, guard: OutputGuard | None = None) -> None:
+                 progress: bool = False, guard: OutputGuard | None = None,
+                 sink: Callable[..., Any] | None = None) -> None:
         self.graph = plan.graph if isinstance(plan, Plan) else plan
         self.guard = guard
+        self.sink = sink
         self.seed = seed
         self.device = device
         self.max_shard_bytes = max_shard_bytes
@@ -124,7 +129,7 @@ class Executor:
         start = time.perf_counter()
         specs = [TensorSpec(t.output, t.shape, t.out_dtype) for t in self.graph.tasks]
         with merge_settings(streaming=self.streaming):
-            writer = (self.guard.open_writer if self.guard is not None else ShardWriter)(
+            writer = (self.sink or (self.guard.open_writer if self.guard is not None else ShardWriter))(
                 out, specs, max_shard_bytes=self.max_shard_bytes,
                 index_metadata={"fusekit_version": __version__})
             bar = tqdm(total=self.graph.output_bytes, unit="B", unit_scale=True, unit_divisor=1024,

@@ -2,9 +2,10 @@
 
 fusekit reads four kinds of recipe: merge (``fusekit merge`` / ``plan``; several ``---`` documents make
 a multi-stage merge), MoE (``fusekit moe``), ensemble (``fusekit ensemble``) and router (``fusekit route
-build``). Each kind has keys no other kind has; a recipe showing the keys of exactly one kind is that
-kind. When a command's loader meets a recipe of another kind, :func:`other_kind_error` turns what would
-be a list of unknown and missing keys into one line naming the command the recipe is for.
+build``), plus the serve config (``fusekit serve``). Each kind has keys no other kind has; a recipe
+showing the keys of exactly one kind is that kind. When a command's loader meets a recipe of another
+kind, :func:`other_kind_error` turns what would be a list of unknown and missing keys into one line
+naming the command the recipe is for.
 
 Nothing here imports torch, pydantic models or YAML: it looks at a parsed mapping's keys.
 
@@ -22,23 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-KindName = Literal["merge", "moe", "ensemble", "route"]
+KindName = Literal["merge", "moe", "ensemble", "route", "serve"]
 
 SIGNATURES: dict[KindName, tuple[str, ...]] = {
     "merge": ("merge_method", "slices", "modules"),
     "moe": ("experts", "gate_mode", "experts_per_token", "shared_experts"),
     "ensemble": ("method", "primary", "generation"),
     "route": ("data", "labels", "features", "router", "calibrate", "threshold", "folds", "fold_block"),
+    "serve": ("limits", "host", "port"),
 }
 """Top-level keys that only recipes of one kind have (``models``, ``dtype``, ``base_model`` are shared)."""
 
 _LABELS: dict[KindName, str] = {"merge": "a merge recipe", "moe": "an MoE recipe",
-                                "ensemble": "an ensemble recipe", "route": "a router recipe"}
+                                "ensemble": "an ensemble recipe", "route": "a router recipe",
+                                "serve": "a serve config"}
 _COMMANDS: dict[KindName, str] = {
     "merge": "fusekit merge {path} OUT_DIR (or fusekit plan {path})",
     "moe": "fusekit moe {path} OUT_DIR (or fusekit plan {path})",
     "ensemble": "fusekit ensemble score {path} --text FILE (or generate, check)",
     "route": "fusekit route build {path} OUT_DIR",
+    "serve": "fusekit serve {path}",
 }
 
 
@@ -100,7 +104,8 @@ def kind_of_fields(fields: Collection[str]) -> KindName | None:
     return kinds[0] if len(kinds) == 1 else None
 
 
-def other_kind_error(data: Any, fields: Collection[str], path: str) -> tuple[tuple[str], str] | None:
+def other_kind_error(data: Any, fields: Collection[str],
+                     path: str) -> tuple[tuple[str | int, ...], str] | None:
     """Where and why ``data`` is for another command than the one whose schema takes ``fields``.
 
     Args:
@@ -113,6 +118,9 @@ def other_kind_error(data: Any, fields: Collection[str], path: str) -> tuple[tup
         gate_mode), not a merge recipe; run: fusekit moe ..."`` when ``data`` shows keys of another
         kind that the schema does not take; None otherwise (the schema's own checks then report).
     """
+    tuning = tune_error(data, fields, path)
+    if tuning is not None:
+        return tuning
     kind = recipe_kind(data)
     if kind is None or not kind.keys or set(kind.keys) <= set(fields):
         return None
@@ -143,3 +151,32 @@ def file_kind(path: str | Path) -> RecipeKind | None:
     if len(documents) > 1:
         return RecipeKind("merge", (), stages=len(documents))
     return recipe_kind(documents[0][0]) if documents else None
+
+
+def search_space_locations(data: Any, loc: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """Where ``data`` holds a search space (a mapping with a ``search`` key, read by ``fusekit tune``),
+    in document order; the spaces' own contents are not searched."""
+    if isinstance(data, Mapping):
+        if "search" in data and loc:
+            return [loc]
+        return [found for key, value in data.items() for found in search_space_locations(value, (*loc, key))]
+    if isinstance(data, list):
+        return [found for i, value in enumerate(data) for found in search_space_locations(value, (*loc, i))]
+    return []
+
+
+def tune_error(data: Any, fields: Collection[str], path: str) -> tuple[tuple[str | int, ...], str] | None:
+    """Where and why ``data`` is a tune recipe (a ``tune:`` block or a search space) given to a command
+    whose schema (``fields``) reads plain recipes; None when it is not one."""
+    if not isinstance(data, Mapping) or "tune" in fields:
+        return None
+    run = (f"run: fusekit tune {path} OUT_DIR first; it writes OUT_DIR/best.yaml, a plain recipe this "
+           "command reads")
+    if "tune" in data:
+        return ("tune",), f"this is a tune recipe (it has a tune: block); {run}"
+    found = search_space_locations({k: v for k, v in data.items() if k != "tune"})
+    if found:
+        label = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in found[0]).lstrip(".")
+        return found[0], (f"{label}: a search space ({{search: ...}}) is read only by fusekit tune; write a "
+                          f"value here, or add a tune: block and {run}")
+    return None
