@@ -18,6 +18,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "lm": ("transformers>=4.45",),
     "lora": ("peft>=0.13", "transformers>=4.45"),
     "plot": ("matplotlib>=3.7",),
+    "tune": ("cma>=3.3", "ray>=2.9", "transformers>=4.45"),
+    "serve": ("fastapi>=0.110", "uvicorn>=0.29", "transformers>=4.45"),
 }
 
 
@@ -25,7 +27,7 @@ def install_hint(extra: str) -> str:
     """The command that installs the packages of one of fusekit's extras.
 
     Args:
-        extra: The extra's name in ``pyproject.toml``: ``lm``, ``lora`` or ``plot``.
+        extra: The extra's name in ``pyproject.toml``: ``lm``, ``lora``, ``plot``, ``tune`` or ``serve``.
 
     Returns:
         ``pip install`` with the extra's requirements quoted for a POSIX shell, then how to install

@@ -20,7 +20,7 @@ import pytest
 
 from fusekit.cli import main
 
-COMMAND_MODULES = ("cache", "ensemble", "hub", "lora", "merge", "moe", "route", "schema", "score")
+COMMAND_MODULES = ("cache", "ensemble", "hub", "lora", "merge", "moe", "route", "schema", "score", "select", "serve", "tune")
 
 # Each command that prints a report: its arguments (the library is faked, so nothing needs to exist)
 # and a (key, value) its JSON report must hold.
@@ -41,10 +41,15 @@ REPORTS: dict[str, tuple[list[str], str, Any]] = {
     "lora extract": (["lora", "extract", "out", "--base", "b", "--model", "m", "-r", "2"],
                      "total_relative_error", 0.5),
     "cache info": (["cache", "info"], "folder", os.environ.get("FUSEKIT_CACHE")),  # set by conftest
+    "tune": (["tune", "r.yaml", "out"], "evaluations", 7),
+    "select": (["select", "a", "b", "--data", "d.txt", "-k", "1", "-o", "s.yaml"], "score", 1.5),
+    "ensemble learn-weights": (["ensemble", "learn-weights", "r.yaml", "--data", "d.txt", "-o", "w.yaml"],
+                               "after_bpb", 1.0),
 }
 # Commands that print no report; listed so that a new command cannot be forgotten.
 OTHER_COMMANDS: dict[str, list[str]] = {"cache clear": ["cache", "clear"], "schema": ["schema", "merge"],
-                                        "validate": ["validate", "r.yaml"]}
+                                        "validate": ["validate", "r.yaml"],
+                                        "serve": ["serve", "m1", "--port", "0"]}
 
 
 def _leaf_commands() -> dict[str, Any]:
@@ -97,7 +102,15 @@ def _fake_results() -> dict[str, Any]:
                              names=["a", "b"], featurizer=SimpleNamespace(kind="tfidf"),
                              fitted=SimpleNamespace(kind="knn"), threshold=0.5, dear_indices=lambda: [1])
     answer = SimpleNamespace(prompt="hi", text=" there", new_tokens=1, finished=True, candidates=None)
+    tune_report = {"evaluations": 7, "optimizer": "cma", "scored_on": "test",
+                   "best": {"index": 0, "score": 1.0},
+                   "rows": [{"name": "tuned merge", "kind": "tuned", "data_bpb": 1.0, "test_bpb": 1.1}]}
     return {
+        "tune": SimpleNamespace(report=tune_report),
+        "select": SimpleNamespace(score=1.5, members=["a"], to_json=lambda: {"score": 1.5},
+                                  text_lines=lambda: ["step 1: a 1.5000"]),
+        "learned": SimpleNamespace(recipe_text="models: []\n", refs=["a"], before=[1.0], after=[1.0],
+                                   before_bpb=1.0, after_bpb=1.0, to_json=lambda: {"after_bpb": 1.0}),
         "merge": SimpleNamespace(stats=stats, up_to_date=False, kept_shards=0, seed=None, stages=[],
                                  out_dir=Path("out"),
                                  plan=SimpleNamespace(recipe=SimpleNamespace(merge_method="linear"),
@@ -153,6 +166,12 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, dict[str,
         "fusekit.route.run_router": _recorder(record, "run_router", r["run"]),
         "fusekit.io.hub.push_to_hub": _recorder(record, "push_to_hub", r["push"]),
         "fusekit.lora.extract.extract_lora": _recorder(record, "extract_lora", r["extract"]),
+        "fusekit.tune.search.tune": _recorder(record, "tune", r["tune"]),
+        "fusekit.select.data.read_data_texts": lambda path: ["text"],
+        "fusekit.select.run.select_experts": _recorder(record, "select_experts", r["select"]),
+        "fusekit.select.recipes.write_recipe": _recorder(record, "write_recipe", None),
+        "fusekit.select.learned.learn_recipe_weights": _recorder(record, "learn_recipe_weights", r["learned"]),
+        "fusekit.serve.server.serve": _recorder(record, "serve", None),
     }
     for target, fake in fakes.items():
         monkeypatch.setattr(target, fake)
@@ -184,7 +203,8 @@ def test_device_is_one_option_with_one_help_text() -> None:
     devices = {path: _options(command)["--device"] for path, command in _leaf_commands().items()
                if "--device" in _options(command)}
     assert set(devices) == {"merge", "moe", "score", "ensemble generate", "ensemble score", "route build",
-                            "route eval", "route run", "lora extract"}
+                            "route eval", "route run", "lora extract", "tune", "select",
+                            "ensemble learn-weights", "serve"}
     helps = {param.help for param in devices.values()}
     assert len(helps) == 1 and "cpu, cuda, or auto" in helps.pop()
     assert {param.opts[0] for param in devices.values()} == {"--device"}
@@ -221,7 +241,7 @@ def test_json_and_format_json_print_the_same_report(path: str, calls: list[Any],
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "auto"])
 @pytest.mark.parametrize("path", ["merge", "moe", "score", "ensemble generate", "ensemble score",
-                                  "route build", "route eval", "route run", "lora extract"])
+                                  "route build", "route eval", "route run", "lora extract", "tune"])
 def test_device_reaches_the_library(path: str, device: str, calls: list[tuple[str, dict[str, Any]]],
                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:

@@ -62,7 +62,7 @@ def _validate_route_recipe(recipe: Path) -> None:
     from fusekit.route import load_route_recipe
 
     parsed, _ = load_route_recipe(recipe)
-    assert parsed.models and parsed.data
+    assert parsed.models and (parsed.data or parsed.router.type == "arrow")  # arrow needs no data
 
 
 def _validate_ensemble_recipe(recipe: Path) -> None:
@@ -70,6 +70,18 @@ def _validate_ensemble_recipe(recipe: Path) -> None:
 
     parsed, _ = load_ensemble_recipe(recipe)
     assert parsed.models
+
+
+def _validate_tune_recipe(recipe: Path) -> None:
+    from fusekit.tune.spec import load_tune_spec
+
+    assert load_tune_spec(recipe).space.dims
+
+
+def _validate_serve_config(config: Path) -> None:
+    from fusekit.serve.config import load_serve_config
+
+    assert load_serve_config(config).models
 
 
 def _validate_adapter_recipe(recipe: Path) -> None:
@@ -114,6 +126,8 @@ VALIDATORS: dict[str, Callable[[Path], None]] = {
     "": _validate_merge_recipe,
     "parity": _validate_merge_recipe,
     "route": _validate_route_recipe,
+    "serve": _validate_serve_config,
+    "tune": _validate_tune_recipe,
 }
 
 

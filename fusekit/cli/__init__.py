@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["app", "main"]
 
 _EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
-_COMMAND_MODULES = ("cache", "ensemble", "hub", "lora", "merge", "moe", "route", "schema", "score")
+_COMMAND_MODULES = ("cache", "ensemble", "hub", "lora", "merge", "moe", "route", "schema", "score", "select",
+                    "serve", "tune")
 _received: list[int] = []  # signals received during this run, in order
 _raised: list[BaseException] = []  # the interrupt raised for the first one
 
