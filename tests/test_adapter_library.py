@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import in_process_cli, write_recipe
+from peft_helpers import make_peft_adapter
 from safetensors.torch import load_file, save_file
 
 from fusekit.ensemble.engine import load_ensemble
@@ -38,15 +39,6 @@ class Library:
     foreign: Path  # an adapter over ``other_base``
 
 
-def _make_adapter(base: Path, out: Path, *, seed: int, targets: list[str]) -> Path:
-    import peft
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    peft.get_peft_model(model, config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +46,9 @@ def library(tokenizer_models: dict[str, Path], tmp_path_factory: pytest.TempPath
     root = tmp_path_factory.mktemp("adapter-library")
     base, other = tokenizer_models["base"], tokenizer_models["math"]
     return Library(base, other,
-                   _make_adapter(base, root / "a", seed=1, targets=["q_proj", "v_proj", "down_proj"]),
-                   _make_adapter(base, root / "b", seed=2, targets=["k_proj", "o_proj", "up_proj"]),
-                   _make_adapter(other, root / "foreign", seed=3, targets=["q_proj"]))
+                   make_peft_adapter(base, root / "a", seed=1, targets=["q_proj", "v_proj", "down_proj"]),
+                   make_peft_adapter(base, root / "b", seed=2, targets=["k_proj", "o_proj", "up_proj"]),
+                   make_peft_adapter(other, root / "foreign", seed=3, targets=["q_proj"]))
 
 
 def _logits(model: object, ids: torch.Tensor = IDS) -> torch.Tensor:

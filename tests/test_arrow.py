@@ -266,3 +266,24 @@ def _knn_answers_come_from_one_shared_base(cli: Callable[..., tuple[int, str, st
     for record, text in zip(records, TEXTS, strict=True):
         alone = load_lm(f"{library['base']}+{library[record['model']]}")
         assert record["answer"] == generate(alone, [text], max_new_tokens=4)[0]
+
+
+def test_an_arrow_folder_is_served_like_a_model(cli: Callable[..., tuple[int, str, str]], tmp_path: Path,
+                                                library: dict[str, Path]) -> None:
+    """`fusekit serve` of an Arrow folder: the server's greedy text equals `route run --generate`."""
+    import asyncio
+
+    from fusekit.serve.backends import SamplingParams, load_backend
+
+    arrow = _build(cli, tmp_path, library, "abc", "{type: arrow, top_k: 2}", out="arrow")
+    code, out, err = cli("route", "run", str(arrow), "--prompt", TEXTS[0][:20], "--generate",
+                         "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    backend = load_backend("arrow", "router", str(arrow))
+
+    async def served() -> str:
+        pieces = [d.text async for d in backend.stream(TEXTS[0][:20], SamplingParams(max_tokens=4))]
+        await backend.close()
+        return "".join(pieces)
+
+    assert asyncio.run(served()) == json.loads(out)["answer"]

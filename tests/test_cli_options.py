@@ -20,7 +20,8 @@ import pytest
 
 from fusekit.cli import main
 
-COMMAND_MODULES = ("cache", "ensemble", "hub", "lora", "merge", "moe", "route", "schema", "score", "select", "serve", "tune")
+COMMAND_MODULES = ("cache", "ensemble", "hub", "lora", "merge", "moe", "route", "schema", "score", "select",
+                   "serve", "tune")
 
 # Each command that prints a report: its arguments (the library is faked, so nothing needs to exist)
 # and a (key, value) its JSON report must hold.
@@ -170,7 +171,8 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, dict[str,
         "fusekit.select.data.read_data_texts": lambda path: ["text"],
         "fusekit.select.run.select_experts": _recorder(record, "select_experts", r["select"]),
         "fusekit.select.recipes.write_recipe": _recorder(record, "write_recipe", None),
-        "fusekit.select.learned.learn_recipe_weights": _recorder(record, "learn_recipe_weights", r["learned"]),
+        "fusekit.select.learned.learn_recipe_weights": _recorder(record, "learn_recipe_weights",
+                                                                 r["learned"]),
         "fusekit.serve.server.serve": _recorder(record, "serve", None),
     }
     for target, fake in fakes.items():

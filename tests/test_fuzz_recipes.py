@@ -286,8 +286,8 @@ def test_seed_recipes_run_their_check(seed: Path, tree: Path) -> None:
         outcome, code, err = run_cli(command(kind, str(seed)), timeout=120)
         _clean(tree)
     assert outcome == "ok", err
-    if kind == "route":  # the data file is absent on purpose
-        assert code == 2 and "data file" in err, err
+    if kind == "route":  # the data file is absent on purpose; so are an Arrow recipe's adapters
+        assert code == 2 and ("data file" in err or "lora" in err), err
     elif "Hugging Face cache" not in err:  # configs/ci/ names a Hub model; the test runs offline
         assert code == 0, err
 

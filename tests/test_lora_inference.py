@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import in_process_cli
+from peft_helpers import make_peft_adapter
 from safetensors.torch import load_file, save_file
 
 from fusekit.errors import FusekitError
@@ -36,15 +37,6 @@ class Adapted:
     merged: Path  # PEFT's merge_and_unload() of the two, saved as a full model with the base's tokenizer
 
 
-def _make_adapter(base: Path, out: Path, *, seed: int, targets: list[str]) -> Path:
-    import peft
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-    peft.get_peft_model(model, config).save_pretrained(out)
-    return out
 
 
 def _merged_by_peft(base: Path, adapter: Path, out: Path) -> Path:
@@ -68,7 +60,7 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str
 def adapted(tokenizer_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Adapted:
     root = tmp_path_factory.mktemp("lora-inference")
     base = tokenizer_models["base"]
-    adapter = _make_adapter(base, root / "adapter", seed=0, targets=["q_proj", "v_proj", "down_proj"])
+    adapter = make_peft_adapter(base, root / "adapter", seed=0, targets=["q_proj", "v_proj", "down_proj"])
     return Adapted(base, adapter, _merged_by_peft(base, adapter, root / "merged"))
 
 

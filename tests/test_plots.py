@@ -118,6 +118,7 @@ def fake_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, int]
 
     members = [SimpleNamespace(ref="models/a"), SimpleNamespace(ref="models/b")]
     monkeypatch.setattr("fusekit.route.evaluate_router", evaluate_router)
+    monkeypatch.setattr("fusekit.route.router.is_arrow_router", lambda folder: False)
     monkeypatch.setattr("fusekit.ensemble.engine.load_ensemble",
                         lambda *a, **k: SimpleNamespace(method="prob_avg", members=members))
     monkeypatch.setattr("fusekit.ensemble.scoring.score_ensemble", score_ensemble)

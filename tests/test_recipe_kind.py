@@ -46,6 +46,8 @@ def _config_kind(path: Path) -> str | None:
     if folder in ("ensemble", "route", "moe", "serve"):
         return folder
     first = next(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    if folder == "tune":  # a merge or an ensemble recipe with search spaces
+        return "ensemble" if "method" in first else "merge"
     return None if "jobs" in first else "merge"
 
 

@@ -29,6 +29,7 @@ from fusekit.cli.options import (
     SeedOpt,
     TextOpt,
     ThreadsOpt,
+    set_threads,
     show_progress,
     wants_json,
 )
@@ -44,13 +45,6 @@ PromptFileOpt = Annotated[Path | None, typer.Option("--prompts", help="JSON line
                                                     "{\"prompt\": ...} per line.", show_default=False)]
 TemperatureOpt = Annotated[float | None, typer.Option("--temperature", help="0 is greedy; default: the "
                                                       "recipe's.", show_default=False)]
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 @ensemble_app.command(epilog="Example: fusekit ensemble generate configs/ensemble/prob_avg.yaml "
@@ -85,7 +79,7 @@ def generate(
         texts += read_prompts(prompts)
     if not texts:
         raise FusekitError("give --prompt TEXT or --prompts FILE")
-    _set_threads(threads)
+    set_threads(threads)
     ens = load_ensemble(recipe, device=device.value)
     result = ens.generate(texts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                           batch_size=batch_size)
@@ -134,7 +128,7 @@ def score(
 
         check_plot_path(plot)
     content = read_text_file(text)
-    _set_threads(threads)
+    set_threads(threads)
     ens = load_ensemble(recipe, device=device.value)
     result = score_ensemble(ens, content, context=context)
     rows = [{"name": f"ensemble ({ens.method})", **_score(result.ensemble)}]

@@ -39,8 +39,8 @@ __all__ = ["COMMAND_ORDER", "FusekitCommand", "FusekitGroup", "FusekitTyper", "w
 
 # The order a user needs them in, per group (by the group's name); commands not named come last.
 COMMAND_ORDER: dict[str, tuple[str, ...]] = {
-    "fusekit": ("merge", "plan", "validate", "push", "tune", "moe", "score", "ensemble", "route", "select", "serve",
-                "lora", "schema", "cache"),
+    "fusekit": ("merge", "plan", "validate", "push", "tune", "moe", "score", "ensemble", "route", "select",
+                "serve", "lora", "schema", "cache"),
     "ensemble": ("check", "generate", "score", "learn-weights"),
     "route": ("build", "eval", "calibrate", "run"),
     "lora": ("extract",),

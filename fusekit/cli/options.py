@@ -55,6 +55,14 @@ def wants_json(output_format: Format, as_json: bool) -> bool:
     return as_json or output_format is Format.json
 
 
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch's CPU threads for this process (None: torch's choice)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def show_progress(quiet: bool) -> bool:
     """Apply ``--quiet`` to every progress bar of the process (:func:`fusekit.progress.set_quiet`) and
     say whether bars are drawn: not with ``--quiet``, not when stderr is no terminal, not in CI.

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from fusekit.cli.app import app
-from fusekit.cli.options import Device
+from fusekit.cli.options import Device, ThreadsOpt, set_threads
 from fusekit.errors import FusekitError
 
 _EPILOG = ("Example: fusekit serve configs/serve/demo.yaml\n"
@@ -63,6 +63,7 @@ def serve(
     max_tokens_limit: MaxTokensOpt = None,
     max_body_bytes: MaxBodyOpt = None,
     grace_seconds: GraceOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Serve each model under a name with OpenAI's API: /v1/models, /v1/completions,
     /v1/chat/completions (streamed with stream: true), /health and /metrics.
@@ -91,6 +92,7 @@ def serve(
                    "this machine can use the models", err=True)
     from fusekit.serve.server import serve as run_server
 
+    set_threads(threads)
     run_server(config, api_key=api_key)
 
 

@@ -117,17 +117,20 @@ class ScoreCache:
     def put(self, key: ScoreKey, scores: dict[str, TextScore], *, ref: str) -> None:
         """Add ``scores`` (text digest → score) under ``key``; failures are logged, never raised."""
         path = self.folder / key.file_name()
+        entries = self._read(path)  # merge with what another run may have written meanwhile
+        entries.update({d: [s.n_bytes, s.n_tokens, s.nll_nats] for d, s in scores.items()})
+        self._save(path, {**key.settings(), "ref": ref, "scores": entries}, "scores")
+
+    def _save(self, path: Path, payload: dict[str, Any], what: str) -> None:
+        """Write ``payload`` to ``path`` atomically, then prune; failures are logged, never raised."""
         temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            entries = self._read(path)  # merge with what another run may have written meanwhile
-            entries.update({d: [s.n_bytes, s.n_tokens, s.nll_nats] for d, s in scores.items()})
-            payload = {**key.settings(), "ref": ref, "scores": entries}
             temp.write_text(json.dumps(payload), encoding="utf-8")
             os.replace(temp, path)
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            log.info("could not save scores to %s (%s)", path, exc)
+            log.info("could not save %s to %s (%s)", what, path, exc)
             return
         self.prune(max_bytes())
 
@@ -160,18 +163,8 @@ class ScoreCache:
 
     def put_tokens(self, key: ScoreKey, digest: str, values: Sequence[float], *, ref: str) -> None:
         """Save one text's per-token log-probabilities; failures are logged, never raised."""
-        path = self.token_path(key, digest)
-        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            payload = {**key.settings(), "ref": ref, "logprobs": list(values)}
-            temp.write_text(json.dumps(payload), encoding="utf-8")
-            os.replace(temp, path)
-        except OSError as exc:
-            temp.unlink(missing_ok=True)
-            log.info("could not save token log-probabilities to %s (%s)", path, exc)
-            return
-        self.prune(max_bytes())
+        payload = {**key.settings(), "ref": ref, "logprobs": list(values)}
+        self._save(self.token_path(key, digest), payload, "token log-probabilities")
 
     def files(self) -> list[Path]:
         """The cache files, least recently used first."""

@@ -266,14 +266,19 @@ def validate(root: type[ModelT], data: Any, source: RecipeSource,
     except ValidationError as exc:
         lines = [_describe(root, data, err, source) for err in exc.errors()]
         raise RecipeError(join_problems(lines, source.name)) from None
-    problems = checks(recipe) if checks else []
+    raise_problems(checks(recipe) if checks else [], source)
+    return recipe
+
+
+def raise_problems(problems: Sequence[tuple[Location, str]], source: RecipeSource) -> None:
+    """Raise one RecipeError listing ``problems`` (location, message), each with its file:line; no-op
+    when there are none."""
     if problems:
         lines = []
         for loc, message in problems:
             label = format_location(loc)
             lines.append(f"{source.where(loc)} {label + ': ' if label else ''}{message}")
         raise RecipeError(join_problems(lines, source.name))
-    return recipe
 
 
 MAX_LISTED_PROBLEMS = 20

@@ -324,6 +324,12 @@ def load_backend(name: str, kind: str, ref: str, *, device: str = "cpu", dtype: 
 
         return EnsembleBackend(name, load_ensemble(Path(ref), device=device), max_queue=max_queue)
     if kind == "router":
+        from fusekit.route.router import is_arrow_router
+
+        if is_arrow_router(ref):  # Arrow routes per token inside one model: served like a model
+            from fusekit.route.arrow import load_arrow, load_arrow_lm
+
+            return ModelBackend(name, load_arrow_lm(load_arrow(ref), device=device, dtype=dtype), **limits)
         return _load_router(name, ref, device=device, dtype=dtype, limits=limits)
     raise FusekitError(f"served name '{name}': kind '{kind}' is not one of model, adapter, ensemble, router")
 

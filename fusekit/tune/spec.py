@@ -36,9 +36,8 @@ from fusekit.errors import FusekitError, RecipeError
 from fusekit.recipe.kind import recipe_kind
 from fusekit.recipe.load import (
     RecipeSource,
-    format_location,
-    join_problems,
     parse_yaml,
+    raise_problems,
     read_recipe_text,
     short_repr,
     validate,
@@ -244,7 +243,7 @@ def parse_tune_spec(text: str, name: str = "<recipe>", *, path: Path | None = No
     space, problems = parse_spaces(data, kind, methods)
     if not problems:
         problems = _checks(data, kind, space, block, methods)
-    _raise(problems, source)
+    raise_problems(problems, source)
     _check_candidates(space, source)
     return TuneSpec(kind, path or Path(name), text, space, _settings(block), dict(space.template))
 
@@ -268,15 +267,6 @@ def _methods(data: dict[str, Any]) -> list[str]:
     if isinstance(method, dict) and isinstance(method.get("search"), list):
         return [m for m in method["search"] if isinstance(m, str)]
     return [method] if isinstance(method, str) else []
-
-
-def _raise(problems: list[Problem], source: RecipeSource) -> None:
-    if problems:
-        lines = []
-        for loc, message in problems:
-            label = format_location(loc)
-            lines.append(f"{source.where(loc)} {label + ': ' if label else ''}{message}")
-        raise RecipeError(join_problems(lines, source.name))
 
 
 # -- checks across keys -------------------------------------------------------------------------------
