@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import in_process_cli
+from peft_helpers import make_peft_adapter
 from safetensors.torch import load_file
 from test_learned_weights import PROSE, PYTHON, _other_tokenizer, domain_experts
 
@@ -41,11 +42,7 @@ def library(tokenizer_models: dict[str, Path], tmp_path_factory: pytest.TempPath
     base = tokenizer_models["base"]
     adapters = []
     for seed, targets in enumerate(TARGETS):
-        torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
-        peft.get_peft_model(model, config).save_pretrained(root / f"a{seed}")
-        adapters.append(root / f"a{seed}")
+        adapters.append(make_peft_adapter(base, root / f"a{seed}", seed=seed, targets=targets))
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = peft.PeftModel.from_pretrained(model, str(adapters[0])).merge_and_unload()
     merged.save_pretrained(root / "merged")

@@ -86,16 +86,9 @@ def read_texts(paths: Sequence[str | Path]) -> list[str]:
     Raises:
         FusekitError: a file is missing, unreadable, empty or malformed (one line naming it).
     """
-    from fusekit.lm.score import read_text_file
-    from fusekit.route.data import load_examples
+    from fusekit.select.data import read_data_texts
 
-    texts: list[str] = []
-    for path in paths:
-        if str(path).endswith(".jsonl"):
-            texts.extend(example.scored_text for example in load_examples(path))
-        else:
-            texts.append(read_text_file(path))
-    return texts
+    return [text for path in paths for text in read_data_texts(path, completions=True, option=None)]
 
 
 def available_memory() -> int:

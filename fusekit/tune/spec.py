@@ -473,27 +473,14 @@ def check_data_files(settings: TuneSettings) -> None:
     Raises:
         FusekitError: one line naming the key and the file, and what to do.
     """
-    from fusekit.route.data import load_examples
+    from fusekit.select.data import read_data_texts
 
     for key, paths in (("data", settings.data), ("test", settings.test)):
         for path in paths:
             try:
-                if path.endswith(".jsonl"):
-                    load_examples(path)
-                else:
-                    _check_text_file(Path(path))
+                read_data_texts(path, completions=True, option=None)
             except FusekitError as exc:
                 raise FusekitError(f"tune.{key}: {exc}") from None
-
-
-def _check_text_file(path: Path) -> None:
-    if not path.exists():
-        raise FusekitError(f"text file {path} does not exist; check the path (relative paths are taken "
-                           "from the folder fusekit runs in)")
-    if not path.is_file():
-        raise FusekitError(f"text file {path} is not a regular file; give a text or .jsonl file")
-    if path.stat().st_size == 0:
-        raise FusekitError(f"text file {path} is empty; there is nothing to score")
 
 
 def is_tune_recipe(path: str | Path) -> bool:
