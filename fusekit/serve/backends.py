@@ -41,6 +41,7 @@ from fusekit.serve.batcher import (
     SerialWorker,
     stream_request,
 )
+from fusekit.serve.stops import first_stop
 
 __all__ = ["Backend", "Delta", "EnsembleBackend", "ModelBackend", "NoChatTemplate", "QueueFull",
            "RouterBackend", "SamplingParams", "load_backend"]
@@ -202,10 +203,8 @@ class EnsembleBackend:
         params = request.params
         answer = self.ensemble.generate([request.prompt], max_new_tokens=params.max_tokens,
                                         temperature=params.temperature, seed=params.seed).answers[0]
-        text, stopped = answer.text, False
-        hits = [i for i in (text.find(s) for s in params.stop if s) if i >= 0]
-        if hits:
-            text, stopped = text[:min(hits)], True
+        cut = first_stop(answer.text, params.stop)
+        text, stopped = (answer.text, False) if cut is None else (answer.text[:cut], True)
         ids = [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
         finish = "stop" if stopped or answer.finished else "length"
         request.push(Delta(text, ids, None, finish))

@@ -37,6 +37,7 @@ import torch
 
 from fusekit.errors import FusekitError
 from fusekit.lm.decode import CachedModel, TokenBatch, sample
+from fusekit.serve.stops import first_stop, held_back
 
 __all__ = ["BatchWorker", "Delta", "NoChatTemplate", "QueueFull", "RequestQueue", "SamplingParams",
            "SerialWorker", "TextCutter", "stream_request"]
@@ -278,13 +279,13 @@ class TextCutter:
     def flush(self, *, final: bool) -> str:
         """The text not shown yet that can be shown now (all of it when ``final``)."""
         full = self._decoded()
-        hits = [i for i in (full.find(s, len(self.sent)) for s in self.stop) if i >= 0]
-        if hits:
+        cut = first_stop(full, self.stop, len(self.sent))
+        if cut is not None:
             self.stopped = True
-            full, final = full[:min(hits)], True
+            full, final = full[:cut], True
         if not final:
             full = full.rstrip("\ufffd")
-            full = full[:len(full) - self._stop_prefix(full)]
+            full = full[:len(full) - held_back(full, self.stop, len(self.sent))]
         if not full.startswith(self.sent):
             return ""  # the tokenizer re-spelled earlier text; wait until it settles
         new, self.sent = full[len(self.sent):], full
@@ -301,16 +302,6 @@ class TextCutter:
         if len(self.ids) - self._base >= self.SETTLE and not full.endswith("\ufffd"):
             self._base, self._base_text = len(self.ids), full
         return full
-
-    def _stop_prefix(self, text: str) -> int:
-        """Length of the longest tail of ``text`` (past what was shown) that begins a stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text) - len(self.sent)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
 
 
 @dataclass

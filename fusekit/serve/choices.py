@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from fusekit.serve.stops import first_stop, held_back
+
 if TYPE_CHECKING:
     from fusekit.serve.backends import Backend, SamplingParams
 
@@ -44,11 +46,11 @@ class StopCutter:
         if not self.stops:
             return text, False
         buffer = self.pending + text
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        cut = first_stop(buffer, self.stops)
+        if cut is not None:
             self.pending = ""
-            return buffer[:min(hits)], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if buffer.endswith(s[:k])), default=0)
+            return buffer[:cut], True
+        keep = held_back(buffer, self.stops)
         self.pending = buffer[len(buffer) - keep:] if keep else ""
         return buffer[:len(buffer) - keep], False
 
